@@ -1,0 +1,305 @@
+"""The real OCT2017 data (Kermany et al., CC BY 4.0, doi:10.17632/rscbjbr9sj): download or use in place.
+
+Two sources end in the manifest of :mod:`sparsegan.data` (columns ``path, class, patient,
+official_split, mask``):
+
+``data.source=oct2017``  :func:`fetch_oct2017` downloads the Mendeley archive into
+    ``<raw>/downloads/`` (resumable, verified, see :mod:`sparsegan.data.download`), extracts it
+    safely into ``<raw>/oct2017/`` (skipping the chest X-rays and macOS ``._*`` files), finds the
+    tree and indexes it. A marker file ``<raw>/oct2017/.extracted.json``, written after a
+    successful extraction, makes re-runs with the same URL/checksum skip download and extraction
+    (the archive may then be deleted to save space). Paths in the manifest are relative to
+    ``<raw>``.
+``data.source=folder``   :func:`folder_manifest` indexes the user's existing copy *in place*
+    (never copied, moved or modified): manifest paths are absolute.
+
+Layouts found by :func:`find_oct2017_root`: Kaggle ``kermany2018`` (folder ``OCT2017 `` with a
+trailing space, ``train/ test/ val/``; the 32-image ``val`` is part of the official test set and is
+merged into it), Mendeley v2 ``OCT2017/{train,test}``, Mendeley v3 ``CellData/OCT/{train,test}``
+(or ``ZhangLabData/CellData/OCT``), or any folder that directly holds ``train/`` and ``test/``.
+
+Default download URLs (public Mendeley Data file links of dataset rscbjbr9sj, the
+``.../public-files/datasets/rscbjbr9sj/files/<file id>/file_downloaded`` form that many public
+download scripts use):
+
+- v3 ``ZhangLabData.zip`` (about 8.4 GB; OCT + chest X-rays), file id 810b2ce2-...;
+- v2 ``OCT2017.tar.gz`` (5,793,183,169 bytes), file id 5699a1d8-....
+
+No publisher checksum is published for either file, so the defaults carry no SHA-256: the size
+check (server ``Content-Length``, and for v2 the known size) and the archives' own CRCs (zip
+members, gzip stream) still catch truncated or corrupted downloads. Set ``data.oct2017.sha256`` to
+pin the file you downloaded. (A third-party script gives
+``acbc42869440eec719361942d0ba560f132742230262f22e78bfb93eb5ea4563`` for v3's ``ZhangLabData.zip``;
+it is unverified, so it is not a default: a wrong default would delete a finished 8 GB download.)
+``data.oct2017.url`` replaces the default URL; the default size then no longer applies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
+from urllib.parse import unquote, urlsplit
+
+import pandas as pd
+
+from sparsegan.data.download import download, safe_extract
+from sparsegan.params import CLASSES, DISEASES, Oct2017Params
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("path", "class", "patient", "official_split", "mask")
+
+
+class OctSource(NamedTuple):
+    url: str
+    sha256: str  # "" = unknown (the size check still applies)
+    size: int | None  # bytes; None = unknown (the server's Content-Length is checked)
+    root: str  # where train/ and test/ lie inside the extracted archive
+
+
+_MENDELEY = "https://data.mendeley.com/public-files/datasets/rscbjbr9sj/files/{}/file_downloaded"
+DEFAULT_SOURCES: dict[str, OctSource] = {
+    "v3": OctSource(_MENDELEY.format("810b2ce2-11c3-4424-996e-3bef36600907"), "", None,
+                    "CellData/OCT"),
+    "v2": OctSource(_MENDELEY.format("5699a1d8-d1b6-45db-bb92-b61051445347"), "", 5_793_183_169,
+                    "OCT2017"),
+}
+ARCHIVE_NAMES = {"v3": "ZhangLabData.zip", "v2": "OCT2017.tar.gz"}
+_ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+
+# Members never extracted: the chest X-rays bundled with v3, macOS resource forks.
+_SKIP_DIRS = {"chest_xray", "__MACOSX"}
+MARKER = ".extracted.json"
+
+_NAME = re.compile(r"^(?P<cls>[A-Za-z]+)-(?P<patient>[0-9A-Za-z]+)-(?P<no>\d+)\.(?:jpe?g)$",
+                   re.IGNORECASE)
+_IGNORED_FILES = {"thumbs.db", "desktop.ini"}
+_MAX_DEPTH = 4
+
+
+class Oct2017NotFoundError(FileNotFoundError):
+    """No OCT2017 tree (train/ and test/ with class folders) under the given folder."""
+
+
+# ------------------------------------------------------------------------------------ locating
+
+
+def _is_root(folder: Path) -> bool:
+    """``folder`` holds train/ and test/, and train/ holds at least one OCT disease folder."""
+    train, test = folder / "train", folder / "test"
+    if not (train.is_dir() and test.is_dir()):
+        return False
+    try:
+        names = {e.name.upper() for e in os.scandir(train) if e.is_dir()}
+    except OSError:
+        return False
+    return bool(names & set(DISEASES))
+
+
+def _split_dirs(root: Path) -> tuple[Path, list[Path]]:
+    tests = [root / "test"]
+    if (root / "val").is_dir():
+        tests.append(root / "val")  # Kaggle's val is part of the official test set
+    return root / "train", tests
+
+
+_CANDIDATES = (".", "OCT2017 ", "OCT2017", "CellData/OCT", "ZhangLabData/CellData/OCT", "OCT")
+
+
+def find_oct2017_root(path: Path) -> tuple[Path, list[Path]]:
+    """Return ``(train_dir, test_dirs)`` of the OCT2017 tree at or below ``path``.
+
+    Tries ``path`` itself, then ``OCT2017 `` (Kaggle, trailing space), ``OCT2017`` (v2),
+    ``CellData/OCT`` and ``ZhangLabData/CellData/OCT`` (v3), then searches up to 4 levels down
+    (shallowest first, skipping hidden folders, ``__MACOSX``, ``chest_xray`` and class folders). A
+    Kaggle ``val/`` folder is returned after ``test/``.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise Oct2017NotFoundError(f"{path}: not a folder; expected a copy of OCT2017")
+    for cand in _CANDIDATES:
+        folder = path / cand if cand != "." else path
+        if _is_root(folder):
+            return _split_dirs(folder)
+
+    level = [path]
+    for _ in range(_MAX_DEPTH):
+        nxt: list[Path] = []
+        for folder in level:
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError:
+                continue
+            for e in entries:
+                if not e.is_dir() or e.name.startswith(".") or e.name in _SKIP_DIRS:
+                    continue
+                if e.name.upper() in CLASSES or e.name in ("train", "test", "val"):
+                    continue
+                sub = Path(e.path)
+                if _is_root(sub):
+                    return _split_dirs(sub)
+                nxt.append(sub)
+        level = nxt
+        if not level:
+            break
+
+    try:
+        seen = sorted(e.name for e in os.scandir(path))
+    except OSError:
+        seen = []
+    listing = ", ".join(repr(n) for n in seen[:12]) + (", ..." if len(seen) > 12 else "")
+    raise Oct2017NotFoundError(
+        f"{path}: no OCT2017 tree found. Looked for a folder holding train/ and test/ (train/ with "
+        f"CNV, DME, DRUSEN or NORMAL folders) at {path} itself, at 'OCT2017 ' (Kaggle kermany2018, "
+        f"trailing space), 'OCT2017' (Mendeley v2), 'CellData/OCT' and 'ZhangLabData/CellData/OCT' "
+        f"(Mendeley v3), and up to {_MAX_DEPTH} levels below. The folder holds: "
+        f"{listing or '(nothing)'}. Point data.folder at your OCT2017 copy.")
+
+
+# ------------------------------------------------------------------------------------ manifest
+
+
+def _manifest_path(image: str, manifest_dir: str) -> str:
+    """Relative (POSIX) to the manifest's folder when inside it, else absolute."""
+    rel = os.path.relpath(image, manifest_dir)
+    if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
+        return image
+    return PurePosixPath(*Path(rel).parts).as_posix()
+
+
+def build_manifest(root_train: Path, test_dirs: list[Path], manifest_dir: Path) -> pd.DataFrame:
+    """Index ``<split>/<CLASS>/<CLASS>-<patient>-<n>.jpeg`` files into a manifest DataFrame.
+
+    The class comes from the folder. Skipped and reported (``df.attrs["skipped"]``: a list of
+    ``(path, reason)``, also logged as a warning): files whose name does not follow the pattern,
+    files whose name's class disagrees with their folder, folders that are not one of
+    CNV/DME/DRUSEN/NORMAL, files outside a class folder, nested folders. Hidden files
+    (``.DS_Store``, macOS ``._*``), ``Thumbs.db`` and ``desktop.ini`` are ignored silently.
+    Paths are absolute when the images lie outside ``manifest_dir``, else relative to it. Nothing
+    is written: the images are read in place.
+    """
+    mdir = os.path.abspath(manifest_dir)
+    rows: list[tuple[str, str, str, str, str]] = []
+    skipped: list[tuple[str, str]] = []
+    for split, folder in [("train", Path(root_train))] + [("test", Path(d)) for d in test_dirs]:
+        if not folder.is_dir():
+            raise Oct2017NotFoundError(f"{folder}: {split} folder not found")
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.name.startswith(".") or entry.name.lower() in _IGNORED_FILES:
+                continue
+            if not entry.is_dir():
+                skipped.append((entry.path, "not inside a class folder"))
+                continue
+            cls = entry.name.upper()
+            if cls not in CLASSES:
+                skipped.append((entry.path, f"unknown class folder {entry.name!r} (allowed: "
+                                            f"{', '.join(CLASSES)}); its files are skipped"))
+                continue
+            for f in sorted(os.scandir(entry.path), key=lambda e: e.name):
+                name = f.name
+                if name.startswith(".") or name.lower() in _IGNORED_FILES:
+                    continue
+                if f.is_dir():
+                    skipped.append((f.path, "nested folder inside a class folder"))
+                    continue
+                m = _NAME.match(name)
+                if not m:
+                    skipped.append((f.path, "name does not match <CLASS>-<patientID>-<imageNo>.jpeg"))
+                    continue
+                if m["cls"].upper() != cls:
+                    skipped.append((f.path, f"name says {m['cls'].upper()} but the folder says "
+                                            f"{cls}"))
+                    continue
+                image = os.path.abspath(f.path)
+                rows.append((_manifest_path(image, mdir), cls, m["patient"], split, ""))
+    df = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    df.attrs["skipped"] = skipped
+    if skipped:
+        shown = "; ".join(f"{p}: {why}" for p, why in skipped[:10])
+        more = f" (and {len(skipped) - 10} more)" if len(skipped) > 10 else ""
+        log.warning("skipped %d entries of the OCT2017 tree: %s%s", len(skipped), shown, more)
+    if df.empty:
+        raise Oct2017NotFoundError(f"{root_train}: no images named <CLASS>-<patientID>-<imageNo>.jpeg "
+                                   f"found in the class folders")
+    counts = df.groupby(["official_split", "class"]).size()
+    log.info("OCT2017 manifest: %d images; %s", len(df),
+             ", ".join(f"{s}/{c} {n}" for (s, c), n in counts.items()))
+    return df
+
+
+# ------------------------------------------------------------------------------------ sources
+
+
+def _archive_name(p: Oct2017Params) -> str:
+    if p.url:
+        base = unquote(PurePosixPath(urlsplit(p.url).path).name)
+        if base.lower().endswith(_ARCHIVE_SUFFIXES) and not base.startswith("."):
+            return base
+    return ARCHIVE_NAMES[p.version]
+
+
+def _include(rel: PurePosixPath) -> bool:
+    return not (set(rel.parts) & _SKIP_DIRS) and not rel.name.startswith("._")
+
+
+def fetch_oct2017(p: Oct2017Params, raw_dir: Path) -> pd.DataFrame:
+    """Download (resumable), extract safely (once) and index OCT2017; return the manifest.
+
+    Archive in ``raw_dir/downloads/``, tree in ``raw_dir/oct2017/``, manifest paths relative to
+    ``raw_dir``. ``p.url``/``p.sha256`` override the version's defaults (see the module docstring).
+    """
+    raw_dir = Path(raw_dir)
+    src = DEFAULT_SOURCES[p.version]
+    url = p.url or src.url
+    sha256 = p.sha256 or ("" if p.url else src.sha256)
+    size = None if p.url else src.size
+    archive = raw_dir / "downloads" / _archive_name(p)
+    out = raw_dir / "oct2017"
+    marker = out / MARKER
+    # What the extracted tree came from; a matching marker skips download and extraction (so the
+    # archive may be deleted after a successful run to save space).
+    stamp = {"archive": archive.name, "url": url, "sha256": sha256}
+    done = False
+    if marker.is_file():
+        try:
+            seen = json.loads(marker.read_text())
+            done = isinstance(seen, dict) and {k: seen.get(k) for k in stamp} == stamp
+        except (OSError, ValueError):
+            done = False
+    if done:
+        log.info("%s already extracted from %s (%s)", out, archive.name, marker)
+    else:
+        download(url, archive, sha256=sha256, size=size, retries=p.retries)
+        tmp = raw_dir / "oct2017.partial"
+        for stale in (tmp, out):
+            if stale.exists():
+                shutil.rmtree(stale)
+        log.info("extracting %s to %s", archive, out)
+        files = safe_extract(archive, tmp, include=_include)
+        os.replace(tmp, out)
+        marker.write_text(json.dumps({**stamp, "size": archive.stat().st_size,
+                                      "files": len(files)}))  # written last: marks success
+
+    inner = out / src.root
+    train, tests = find_oct2017_root(inner if not p.url and inner.is_dir() else out)
+    return build_manifest(train, tests, raw_dir)
+
+
+def folder_manifest(folder: str, manifest_dir: Path) -> pd.DataFrame:
+    """``data.source=folder``: index the user's OCT2017 copy in place (never copied or modified)."""
+    if not folder:
+        raise Oct2017NotFoundError("data.folder is empty: set it to your OCT2017 copy")
+    path = Path(folder).expanduser()
+    if not path.exists():
+        raise Oct2017NotFoundError(f"data.folder = {folder!r}: {path.absolute()} does not exist; set "
+                                   f"data.folder in params.yaml to your OCT2017 copy (the folder "
+                                   f"holding train/ and test/, or one above it)")
+    if not path.is_dir():
+        raise Oct2017NotFoundError(f"data.folder = {folder!r}: {path.absolute()} is not a folder")
+    train, tests = find_oct2017_root(path.absolute())
+    return build_manifest(train, tests, Path(manifest_dir))

@@ -1,0 +1,328 @@
+"""Decode, convert to 8-bit grayscale and resize every split's images into memory-mappable arrays.
+
+Per split ``<name>`` (see :mod:`sparsegan.data` for the contract) this writes into ``out_dir``:
+
+``<name>.npy``        uint8 ``[N, 1, S, S]``, written through ``np.lib.format.open_memmap`` (never
+                      all in RAM), so that training reads it with ``np.load(mmap_mode="r")``
+``<name>_masks.npy``  uint8 0/1, same shape, only when some row has a lesion mask; rows without a
+                      mask are all zero
+``<name>.csv``        the rows kept, in array order
+
+and :func:`preprocess_all` adds ``skipped.csv`` (``file, reason``) and ``summary.json``.
+
+Image policy (:func:`load_gray`):
+
+* JPEGs are decoded with ``Image.draft("L", (S, S))``: libjpeg's reduced DCT decoding at scale
+  1/2, 1/4 or 1/8 (never below S) straight to grayscale, several times faster on large B-scans.
+* Any mode becomes 8-bit grayscale: RGB/CMYK/YCbCr/P -> luma (ITU-R 601, as ``convert("L")``);
+  anything with alpha (RGBA, LA, PA, P with transparency) is composited on black first; 16-bit
+  and 32-bit integer or float images (``I;16*``, ``I``, ``F``) are stretched linearly from their
+  own min..max to 0..255 (16-bit OCT exports often hold 12-bit data, which the type's 0..65535
+  would leave nearly black; clipping at 255 would saturate them).
+* Every image is resized to S x S with Pillow's antialiased BILINEAR filter (``reducing_gap=3``);
+  **the aspect ratio is not preserved**: the paper resizes the B-scans (512x496, 768x496,
+  1536x496, ...) to 224x224, and so do we. Masks are binarised (nonzero = lesion) and resized
+  with NEAREST, so they stay 0/1.
+* Skipped, with a short reason in ``skipped.csv``, never a crash: a missing, zero-byte,
+  non-image, truncated or otherwise undecodable file, a decompression bomb (more than
+  ``MAX_PIXELS`` = 100 MP; Pillow's warning is turned into an error), an image smaller than
+  ``MIN_SIDE`` = 32 px on a side ("too small"), and an image whose listed mask cannot be read.
+* Decoding runs in a ``multiprocessing`` pool (``workers``; 0 = all cores) over chunks of rows
+  with ``imap``, so the output keeps the input order; a tqdm bar shows progress.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageChops, ImageFile
+from tqdm import tqdm
+
+MAX_PIXELS = 100_000_000  # larger images are treated as decompression bombs and skipped
+MIN_SIDE = 32  # smaller images are skipped as "too small"
+CHUNK = 32  # rows per pool task
+
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow raises above 2x this, warns above it
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey bottom
+
+_SPLITS = ("train", "val", "test")
+
+
+class SkipImage(Exception):
+    """The image cannot be used; the message is the short reason written to ``skipped.csv``."""
+
+
+def _open(path: str | os.PathLike) -> Image.Image:
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise SkipImage("missing file") from None
+    except OSError as exc:
+        raise SkipImage(f"unreadable: {exc.strerror or exc}") from None
+    if size == 0:
+        raise SkipImage("empty file (0 bytes)")
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError:
+        raise SkipImage("decompression bomb (more than "
+                        f"{2 * MAX_PIXELS // 1_000_000} MP)") from None
+    except Image.UnidentifiedImageError:
+        raise SkipImage("not an image") from None
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        im.close()
+        raise SkipImage(f"decompression bomb ({w}x{h} pixels)")
+    return im
+
+
+def _to_gray(im: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit 'L' (see the module docstring), or 'F' holding 0..255 floats."""
+    mode = im.mode
+    if mode == "L":
+        return im
+    if mode in ("1", "RGB", "CMYK", "YCbCr"):
+        return im.convert("L") if mode != "CMYK" else im.convert("RGB").convert("L")
+    if mode.startswith("I") or mode == "F":
+        a = np.asarray(im, dtype=np.float32)
+        lo, hi = float(a.min()), float(a.max())
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return Image.fromarray(a.astype(np.float32))  # mode 'F'
+    if mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        return _to_gray(im)
+    if mode in ("PA", "RGBa", "La"):
+        im = im.convert("RGBA" if mode != "La" else "LA")
+        return _to_gray(im)
+    if mode in ("RGBA", "LA"):
+        alpha = im.getchannel("A")
+        gray = im.convert("RGB" if mode == "RGBA" else "L").convert("L")
+        return ImageChops.multiply(gray, alpha)  # gray * alpha / 255: composited on black
+    try:  # LAB, HSV, RGBX, ...
+        return im.convert("RGB").convert("L")
+    except (ValueError, OSError):
+        return im.convert("L")
+
+
+def _resize(im: Image.Image, size: int) -> np.ndarray:
+    out = im.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    a = np.asarray(out)
+    if a.dtype != np.uint8:  # 'F': round and clip the 0..255 floats
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return a
+
+
+def load_gray(path: str | os.PathLike, size: int) -> np.ndarray:
+    """The image at ``path`` as 8-bit grayscale, resized to ``size x size`` (uint8 [size, size]).
+
+    Raises :class:`SkipImage` with a short reason when the file cannot be used.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with _open(path) as im:
+                w, h = im.size
+                if min(w, h) < MIN_SIDE:
+                    raise SkipImage(f"too small ({w}x{h})")
+                if im.format == "JPEG":
+                    im.draft("L", (size, size))  # reduced DCT decoding, straight to gray
+                im.load()
+                return _resize(_to_gray(im), size)
+    except SkipImage:
+        raise
+    except Image.DecompressionBombWarning:
+        raise SkipImage("decompression bomb") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg:
+            raise SkipImage("truncated image") from None
+        raise SkipImage(f"corrupt image: {msg[:100]}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoder failure skips the file, never a crash
+        raise SkipImage(f"{type(exc).__name__}: {str(exc)[:100]}") from None
+
+
+def load_mask(path: str | os.PathLike, size: int) -> np.ndarray:
+    """A lesion mask (nonzero = lesion) as uint8 0/1 ``[size, size]``, resized with NEAREST."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with _open(path) as im:
+                im.load()
+                a = np.asarray(im)
+    except SkipImage:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise SkipImage(f"{type(exc).__name__}: {str(exc)[:100]}") from None
+    if a.ndim == 3:
+        a = a.any(axis=2) if a.shape[2] != 2 and a.shape[2] != 4 else a[..., :-1].any(axis=2)
+    binary = Image.fromarray((a != 0).astype(np.uint8))
+    return np.asarray(binary.resize((size, size), Image.Resampling.NEAREST), dtype=np.uint8)
+
+
+def _load_chunk(args: tuple[list[tuple[int, str, str]], int]) -> list[tuple]:
+    """Worker: ``(row, image or None, mask or None, reason or None)`` for each row of a chunk."""
+    rows, size = args
+    out = []
+    for i, path, mask_path in rows:
+        try:
+            img = load_gray(path, size)
+        except SkipImage as exc:
+            out.append((i, None, None, str(exc)))
+            continue
+        mask = None
+        if mask_path:
+            try:
+                mask = load_mask(mask_path, size)
+            except SkipImage as exc:
+                out.append((i, None, None, f"mask {mask_path}: {exc}"))
+                continue
+        out.append((i, img, mask, None))
+    return out
+
+
+def _shrink_npy(path: Path, n: int) -> None:
+    """Keep the first ``n`` rows of the C-ordered ``.npy`` at ``path`` (rewrites the header)."""
+    with open(path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(f)
+        offset = f.tell()
+        new_shape = (n, *shape[1:])
+        header = _header_bytes(new_shape, dtype, version)
+        if len(header) == offset:
+            f.seek(0)
+            f.write(header)
+            f.truncate(offset + n * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+            return
+    # Header length changed (never for our shapes, but be safe): copy in chunks.
+    src = np.load(path, mmap_mode="r")
+    tmp = path.with_name(path.name + ".shrink")
+    dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=src.dtype, shape=new_shape)
+    for s in range(0, n, 4096):
+        dst[s:s + 4096] = src[s:min(n, s + 4096)]
+    dst.flush()
+    del dst, src
+    os.replace(tmp, path)
+
+
+def _header_bytes(shape: tuple, dtype: np.dtype, version: tuple[int, int]) -> bytes:
+    import io
+    buf = io.BytesIO()
+    d = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    if version == (1, 0):
+        np.lib.format.write_array_header_1_0(buf, d)
+    else:
+        np.lib.format.write_array_header_2_0(buf, d)
+    return buf.getvalue()
+
+
+def preprocess_split(df: pd.DataFrame, size: int, out_dir: Path, name: str,
+                     workers: int = 0) -> dict:
+    """Decode the rows of ``df`` (columns ``path``, optional ``mask``, ...) into ``out_dir``.
+
+    Returns ``{"name", "rows", "kept", "skipped" (list of {"file", "reason"}), "masks" (bool),
+    "seconds", "images_per_s"}``; the caller appends ``skipped`` to ``skipped.csv``.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    df = df.reset_index(drop=True)
+    paths = df["path"].fillna("").astype(str).tolist()
+    masks = (df["mask"].fillna("").astype(str).tolist() if "mask" in df.columns
+             else [""] * len(df))
+    has_masks = any(masks)
+    n = len(df)
+
+    img_path = out_dir / f"{name}.npy"
+    mask_path = out_dir / f"{name}_masks.npy"
+    tmp_img = out_dir / f".{name}.npy.tmp"
+    tmp_mask = out_dir / f".{name}_masks.npy.tmp"
+    images = np.lib.format.open_memmap(tmp_img, mode="w+", dtype=np.uint8,
+                                       shape=(n, 1, size, size))
+    mask_arr = (np.lib.format.open_memmap(tmp_mask, mode="w+", dtype=np.uint8,
+                                          shape=(n, 1, size, size)) if has_masks else None)
+
+    rows = [(i, paths[i], masks[i]) for i in range(n)]
+    chunks = [(rows[s:s + CHUNK], size) for s in range(0, n, CHUNK)]
+    workers = workers or os.cpu_count() or 1
+    workers = max(1, min(workers, len(chunks)))
+    kept: list[int] = []
+    skipped: list[dict] = []
+    bar = tqdm(total=n, desc=f"preprocess {name}", unit="img", mininterval=1.0)
+    pool = Pool(workers) if workers > 1 else None
+    ok = False
+    try:
+        results = pool.imap(_load_chunk, chunks) if pool else map(_load_chunk, chunks)
+        for chunk in results:
+            for i, img, mask, reason in chunk:
+                if reason is not None:
+                    skipped.append({"file": paths[i], "reason": reason})
+                    continue
+                j = len(kept)
+                images[j, 0] = img
+                if mask_arr is not None:
+                    mask_arr[j, 0] = mask if mask is not None else 0
+                kept.append(i)
+            bar.update(len(chunk))
+        ok = True
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+            pool.join()
+        if not ok:  # interrupted: leave no half-written arrays behind
+            del images, mask_arr
+            for tmp in (tmp_img, tmp_mask):
+                tmp.unlink(missing_ok=True)
+    images.flush()
+    del images
+    if mask_arr is not None:
+        mask_arr.flush()
+        del mask_arr
+    for tmp, final in ((tmp_img, img_path), (tmp_mask, mask_path)):
+        if tmp.exists():
+            if len(kept) < n:
+                _shrink_npy(tmp, len(kept))
+            os.replace(tmp, final)
+    if not has_masks and mask_path.exists():
+        mask_path.unlink()  # stale from an earlier run with masks
+    df.iloc[kept].to_csv(out_dir / f"{name}.csv", index=False)
+    seconds = time.perf_counter() - t0
+    return {"name": name, "rows": n, "kept": len(kept), "skipped": skipped,
+            "masks": has_masks, "seconds": round(seconds, 3),
+            "images_per_s": round(n / seconds, 1) if seconds > 0 else None}
+
+
+def preprocess_all(splits_dir: Path, out_dir: Path, size: int, workers: int = 0) -> dict:
+    """Preprocess ``{train,val,test}.csv`` of ``splits_dir`` into ``out_dir``.
+
+    Writes the per-split files, ``skipped.csv`` (``file, reason``) and ``summary.json`` (counts
+    per split, skipped, seconds, images/s); returns the summary.
+    """
+    splits_dir, out_dir = Path(splits_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    summary: dict = {"image_size": size, "splits": {}}
+    skipped: list[dict] = []
+    total = 0
+    for name in _SPLITS:
+        df = pd.read_csv(splits_dir / f"{name}.csv", dtype={"patient": str, "mask": str},
+                         keep_default_na=False)
+        info = preprocess_split(df, size, out_dir, name, workers)
+        skipped += info.pop("skipped")
+        info["skipped"] = info["rows"] - info["kept"]
+        summary["splits"][name] = info
+        total += info["rows"]
+    pd.DataFrame(skipped, columns=["file", "reason"]).to_csv(out_dir / "skipped.csv", index=False)
+    seconds = time.perf_counter() - t0
+    summary.update(images=total, skipped=len(skipped), seconds=round(seconds, 3),
+                   images_per_s=round(total / seconds, 1) if seconds > 0 else None)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

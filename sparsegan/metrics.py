@@ -1,0 +1,81 @@
+"""Threshold calibration (eq. 5) and the detection / localisation metrics of the evaluation.
+
+Decision rule (eq. 5): an image is called diseased when its anomaly score ``A > phi``. phi is
+chosen on the validation set only; the test set never chooses phi, a checkpoint or a param.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+
+def candidate_thresholds(scores: np.ndarray) -> np.ndarray:
+    """Every distinct decision: below all scores, midway between neighbours, and at the top."""
+    s = np.unique(scores)
+    mids = (s[:-1] + s[1:]) / 2
+    return np.concatenate([[s[0] - 1.0], mids, [s[-1]]])
+
+
+def confusion(labels: np.ndarray, scores: np.ndarray, phi: np.ndarray | float) -> tuple[np.ndarray, ...]:
+    """(tp, fp, tn, fn) for one phi or a vector of them (prediction: score > phi)."""
+    phi = np.atleast_1d(np.asarray(phi, dtype=float))
+    pred = scores[None, :] > phi[:, None]
+    pos = labels.astype(bool)[None, :]
+    tp = (pred & pos).sum(1)
+    fp = (pred & ~pos).sum(1)
+    fn = (~pred & pos).sum(1)
+    tn = (~pred & ~pos).sum(1)
+    return tp, fp, tn, fn
+
+
+def calibrate_phi(labels: np.ndarray, scores: np.ndarray, criterion: str = "accuracy",
+                  target_sensitivity: float = 0.95) -> float:
+    """phi on validation scores. Criteria: ``accuracy`` (the paper's), ``youden`` (max TPR - FPR),
+    ``f1``, or ``sensitivity`` (the highest phi whose sensitivity reaches the target). Ties go to
+    the lowest phi for accuracy/youden/f1 (the first maximum)."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
+    if labels.min() == labels.max():
+        raise ValueError("calibration needs both normal and diseased validation scans")
+    phis = candidate_thresholds(scores)
+    tp, fp, tn, fn = confusion(labels, scores, phis)
+    if criterion == "accuracy":
+        objective = (tp + tn) / len(labels)
+    elif criterion == "youden":
+        objective = tp / (tp + fn) - fp / (fp + tn)
+    elif criterion == "f1":
+        objective = 2 * tp / np.maximum(2 * tp + fp + fn, 1)
+    elif criterion == "sensitivity":
+        ok = np.flatnonzero(tp / (tp + fn) >= target_sensitivity)
+        return float(phis[ok.max()])
+    else:
+        raise ValueError(f"calibrate.criterion = {criterion!r}: allowed accuracy, youden, f1, sensitivity")
+    return float(phis[int(np.argmax(objective))])
+
+
+def detection_metrics(labels: np.ndarray, scores: np.ndarray, phi: float) -> dict[str, float]:
+    """AUC (threshold-free) and accuracy, sensitivity, specificity, F1 at phi."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
+    tp, fp, tn, fn = (int(v[0]) for v in confusion(labels, scores, phi))
+    return {
+        "auc": float(roc_auc_score(labels, scores)),
+        "accuracy": (tp + tn) / len(labels),
+        "sensitivity": tp / max(tp + fn, 1),
+        "specificity": tn / max(tn + fp, 1),
+        "f1": 2 * tp / max(2 * tp + fp + fn, 1),
+    }
+
+
+def roc_table(labels: np.ndarray, scores: np.ndarray) -> dict[str, np.ndarray]:
+    fpr, tpr, thr = roc_curve(labels, scores)
+    return {"fpr": fpr, "tpr": tpr, "threshold": thr}
+
+
+def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
+    """Localisation: AUROC of map values as a lesion-pixel classifier, over the given scans
+    (the evaluation passes the diseased test scans: does a map rank a scan's lesion pixels above
+    its healthy pixels). ``maps`` and ``masks`` are (N, 1, S, S)."""
+    truth = masks.reshape(-1).astype(bool)
+    if truth.all() or not truth.any():
+        return float("nan")
+    return float(roc_auc_score(truth, maps.reshape(-1)))

@@ -1,0 +1,42 @@
+"""Anomaly scores (eq. 4) and the Anomaly Activation Map (eq. 8 and the channel-wise product)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def latent_anomaly_score(latent: torch.Tensor, latent_re: torch.Tensor) -> torch.Tensor:
+    """A(I_in) = ||H_in - H_re||_2 over all C*h*w entries of each image (eq. 4): (B,)."""
+    return (latent - latent_re).flatten(1).norm(dim=1)
+
+
+def image_anomaly_score(image: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """Image-level reconstruction error mean |I_in - I_re| per image (Auto-Encoder, pix2pix #1): (B,)."""
+    return (image - reconstruction).abs().flatten(1).mean(dim=1)
+
+
+def difference_map(image: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """|I_in - I_re| ("Diff" in Fig. 3): (B, 1, S, S)."""
+    return (image - reconstruction).abs().mean(dim=1, keepdim=True)
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each (1, S, S) map of a (B, 1, S, S) batch to [0, 1]."""
+    flat = maps.flatten(1)
+    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    return ((flat - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None]).view_as(maps)
+
+
+def anomaly_activation_map(latent: torch.Tensor, latent_re: torch.Tensor,
+                           size: int) -> torch.Tensor:
+    """AAM: (B, C, h, w) H_in and H_re -> (B, 1, size, size) in [0, 1].
+
+    W_aam = |GAP(H_in) - GAP(H_re)| (eq. 8) weighs each latent channel by how much its global
+    response changed under reconstruction; AAM = sum_c W_aam[c] * H_in[c], upsampled bilinearly
+    to the input size and min-max normalised per image.
+    """
+    weights = (latent.mean(dim=(2, 3)) - latent_re.mean(dim=(2, 3))).abs()  # (B, C), eq. 8
+    aam = torch.einsum("bc,bchw->bhw", weights, latent)[:, None]  # (B, 1, h, w)
+    aam = F.interpolate(aam, size=(size, size), mode="bilinear", align_corners=False)
+    return normalize_maps(aam)

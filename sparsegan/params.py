@@ -1,0 +1,270 @@
+"""Typed, validated parameters: one dataclass per section of ``params.yaml``.
+
+Every stage calls :func:`load_params` before doing any work. An unknown key (a typo), a value of
+the wrong type, or a value out of range raises :class:`ParamError` with a one-line message that
+names the key and what is allowed, e.g. ``params.yaml: train.lambda_sp = -1: must be >= 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
+DISEASES = ("CNV", "DME", "DRUSEN")
+VARIANTS = ("autoencoder", "anogan", "fanogan", "pix2pix_image", "pix2pix_latent", "sparse_gan")
+
+# The params each variant's training reads beyond the ones all variants share (dvc.yaml lists
+# those): DVC cannot interpolate a list into a stage's `params`, so every variant names exactly
+# READ_SLOTS keys (a repeated key is harmless). This is what makes `-S train.lambda_sp=50`
+# re-run sparse_gan only.
+READ_SLOTS = 3
+DEFAULT_READS = {
+    "autoencoder": ("train.lambda_re",) * 3,
+    "anogan": ("anogan",) * 3,
+    "fanogan": ("fanogan",) * 3,
+    "pix2pix_image": ("train.lambda_adv",) * 3,
+    "pix2pix_latent": ("train.lambda_adv",) * 3,
+    "sparse_gan": ("train.lambda_adv", "train.lambda_sp", "srn"),
+}
+
+
+class ParamError(ValueError):
+    """A param in params.yaml is missing, misspelt, of the wrong type or out of range."""
+
+
+def _check(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           choices: tuple[str, ...] | None = None, default: Any = dataclasses.MISSING,
+           default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a range or a set of allowed values, checked at load time."""
+    kw: dict[str, Any] = {"metadata": {"ge": ge, "gt": gt, "le": le, "choices": choices}}
+    if default is not dataclasses.MISSING:
+        kw["default"] = default
+    if default_factory is not dataclasses.MISSING:
+        kw["default_factory"] = default_factory
+    return field(**kw)
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """Counts of the embedded synthetic OCT generator (OCT2017 layout, see ``data/synthetic.py``)."""
+
+    seed: int = 0
+    train_normal: int = _check(ge=1, default=1200)
+    train_per_disease: int = _check(ge=1, default=150)
+    test_per_class: int = _check(ge=1, default=100)
+    scans_per_patient: int = _check(ge=1, default=6)
+    workers: int = _check(ge=0, default=0)  # 0: all cores
+
+
+@dataclass(frozen=True)
+class Oct2017Params:
+    """Where to download OCT2017 from; ``url``/``sha256`` override the version's defaults."""
+
+    version: str = _check(choices=("v3", "v2"), default="v3")
+    url: str = ""
+    sha256: str = ""
+    retries: int = _check(ge=0, default=5)
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """How train/val/test are drawn (DESIGN.md section 2). The paper uses 1,000 per class in val."""
+
+    protocol: str = _check(choices=("patient", "paper"), default="patient")
+    val_normal: int = _check(ge=1, default=1000)
+    val_per_disease: int = _check(ge=1, default=1000)
+    test_per_class: int = _check(ge=0, default=0)  # patient protocol only; 0: as many as official test
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = _check(choices=("synthetic", "oct2017", "folder"), default="synthetic")
+    folder: str = ""  # data.source=folder: the user's OCT2017 copy, used in place
+    image_size: int = _check(ge=16, default=64)
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    oct2017: Oct2017Params = field(default_factory=Oct2017Params)
+    split: SplitParams = field(default_factory=SplitParams)
+
+
+@dataclass(frozen=True)
+class PreprocessParams:
+    workers: int = _check(ge=0, default=0)  # 0: all cores
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Width of the shared generator / discriminator (DESIGN.md section 1)."""
+
+    base_channels: int = _check(ge=1, default=16)  # b: encoder widths b, 2b, 4b, ...; 64 in the paper
+
+
+@dataclass(frozen=True)
+class SrnParams:
+    """The Sparsity Regularization Net of sparse_gan (Sec. 2.2)."""
+
+    steps: int = _check(ge=1, default=3)  # T, unrolled ISTA steps
+    code_channels: int = _check(ge=0, default=0)  # K; 0: same as the latent's channels
+    l1: float = _check(ge=0.0, default=0.1)  # lambda in L_scl (eq. 3)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Training of the generator-based variants; lambdas as in the paper (Sec. 2.3)."""
+
+    epochs: int = _check(ge=1, default=12)
+    batch_size: int = _check(ge=1, default=32)
+    lr: float = _check(gt=0.0, default=0.001)
+    beta1: float = _check(ge=0.0, le=1.0, default=0.5)
+    lambda_re: float = _check(ge=0.0, default=20.0)
+    lambda_adv: float = _check(ge=0.0, default=1.0)
+    lambda_sp: float = _check(ge=0.0, default=50.0)
+    device: str = _check(choices=("auto", "cpu", "cuda"), default="auto")
+    num_threads: int = _check(ge=0, default=0)  # 0: torch's default
+
+
+@dataclass(frozen=True)
+class AnoganParams:
+    """AnoGAN (Schlegl et al. 2017): DCGAN, then a gradient search over z per test image."""
+
+    latent_dim: int = _check(ge=1, default=64)
+    epochs: int = _check(ge=1, default=12)
+    lr: float = _check(gt=0.0, default=0.0002)
+    search_steps: int = _check(ge=1, default=50)
+    search_lr: float = _check(gt=0.0, default=0.05)
+    # z_1 of the search: "zeros" (the prior's mode; an image's score does not depend on its batch)
+    # or "random" (N(0, I) from a generator seeded with 0 at every score() call, as the paper draws it)
+    search_init: str = _check(choices=("zeros", "random"), default="zeros")
+    weight: float = _check(ge=0.0, le=1.0, default=0.1)  # l: (1-l) residual + l discrimination
+
+
+@dataclass(frozen=True)
+class FanoganParams:
+    """f-AnoGAN (Schlegl et al. 2019): WGAN-GP, then an izif encoder with G and D frozen."""
+
+    latent_dim: int = _check(ge=1, default=64)
+    epochs: int = _check(ge=1, default=12)
+    encoder_epochs: int = _check(ge=1, default=8)
+    lr: float = _check(gt=0.0, default=0.0002)
+    n_critic: int = _check(ge=1, default=5)
+    gp_weight: float = _check(ge=0.0, default=10.0)
+    kappa: float = _check(ge=0.0, default=1.0)
+
+
+@dataclass(frozen=True)
+class CalibrateParams:
+    criterion: str = _check(choices=("accuracy", "youden", "f1", "sensitivity"), default="accuracy")
+    target_sensitivity: float = _check(gt=0.0, le=1.0, default=0.95)  # criterion=sensitivity
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    variants: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_READS))
+    data: DataParams = field(default_factory=DataParams)
+    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    srn: SrnParams = field(default_factory=SrnParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    anogan: AnoganParams = field(default_factory=AnoganParams)
+    fanogan: FanoganParams = field(default_factory=FanoganParams)
+    calibrate: CalibrateParams = field(default_factory=CalibrateParams)
+
+    def __post_init__(self) -> None:
+        known = set(flatten_keys(self))
+        for v, reads in self.variants.items():
+            if v not in VARIANTS:
+                raise ParamError(f"params.yaml: variants.{v} is not a variant: allowed "
+                                 f"{', '.join(VARIANTS)}")
+            if len(reads) != READ_SLOTS:
+                raise ParamError(f"params.yaml: variants.{v} must list exactly {READ_SLOTS} param "
+                                 f"keys (repeat one to fill a slot), got {len(reads)}")
+            for key in reads:
+                if key not in known:
+                    raise ParamError(f"params.yaml: variants.{v} names {key!r}, which is not a "
+                                     f"param (e.g. train.lambda_sp, srn, anogan)")
+        if self.data.source == "folder" and not self.data.folder:
+            raise ParamError("params.yaml: data.folder is empty: set it to your OCT2017 copy "
+                             "when data.source is 'folder'")
+
+
+def _parse(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ParamError(f"params.yaml: {prefix or 'top level'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ParamError(f"params.yaml: unknown key {where}{unknown[0]}: allowed keys are "
+                         f"{', '.join(fields)}")
+    values = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        values[name] = _convert(hints[name], value, key, fields[name].metadata)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _parse(hint, value, key)
+    origin = typing.get_origin(hint)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamError(f"params.yaml: {key} must be a mapping, got {value!r}")
+        return {k: _convert(typing.get_args(hint)[1], v, f"{key}.{k}", {}) for k, v in value.items()}
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ParamError(f"params.yaml: {key} = {value!r}: must be a list of names")
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported param type {hint} for {key}")
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}[hint]
+    if not ok:
+        raise ParamError(f"params.yaml: {key} = {value!r}: must be of type {hint.__name__}")
+    value = hint(value)
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ParamError(f"params.yaml: {key} = {value!r}: allowed values are "
+                         f"{', '.join(meta['choices'])}")
+    for bound, fails, word in (("ge", lambda v, b: v < b, ">="), ("gt", lambda v, b: v <= b, ">"),
+                               ("le", lambda v, b: v > b, "<=")):
+        if meta.get(bound) is not None and fails(value, meta[bound]):
+            raise ParamError(f"params.yaml: {key} = {value!r}: must be {word} {meta[bound]}")
+    return value
+
+
+def flatten_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Every section and key of a params dataclass: ["seed", "train", "train.lr", ...]."""
+    keys = []
+    for f in dataclasses.fields(obj):
+        key = prefix + f.name
+        keys.append(key)
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += flatten_keys(value, key + ".")
+    return keys
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    """Build :class:`Params` from a parsed params.yaml mapping (missing keys take defaults)."""
+    return _parse(Params, raw or {}, "")
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamError(f"{path}: not found; run the stage from the repository root")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamError(f"{path}: not valid YAML: {exc}") from None
+    return parse_params(raw)

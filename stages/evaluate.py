@@ -1,0 +1,18 @@
+"""Stage evaluate@<variant>: test metrics at the validation phi, ROC, pixel AUROC, MLflow."""
+
+import sys
+from pathlib import Path
+
+from sparsegan.cli import run_stage
+from sparsegan.evaluate import evaluate
+from sparsegan.params import load_params
+
+
+def main(variant: str) -> None:
+    load_params()  # validate before any work
+    evaluate(variant, Path("data/processed"), Path("scores") / variant, Path("models") / variant,
+             Path("reports/variants") / variant)
+
+
+if __name__ == "__main__":
+    run_stage(main, *sys.argv[1:])

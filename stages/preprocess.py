@@ -1,0 +1,17 @@
+"""Stage 3: grayscale, resize to data.image_size, uint8 arrays per split (+ lesion masks)."""
+
+import sys
+from pathlib import Path
+
+from sparsegan.cli import run_stage
+from sparsegan.data.preprocess import preprocess_all
+from sparsegan.params import load_params
+
+
+def main(splits_dir: str = "data/splits", out_dir: str = "data/processed") -> None:
+    params = load_params()
+    preprocess_all(Path(splits_dir), Path(out_dir), params.data.image_size, params.preprocess.workers)
+
+
+if __name__ == "__main__":
+    run_stage(main, *sys.argv[1:])

@@ -1,0 +1,149 @@
+"""data.source=folder: locating OCT2017 layouts and indexing a user's copy in place."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sparsegan.data.oct2017 import (Oct2017NotFoundError, build_manifest, find_oct2017_root,
+                                    folder_manifest)
+
+TRAIN = {"NORMAL": 3, "CNV": 2, "DME": 2, "DRUSEN": 1}
+TEST = {"NORMAL": 2, "CNV": 2, "DME": 1, "DRUSEN": 1}
+VAL = {"NORMAL": 1, "CNV": 1, "DME": 1, "DRUSEN": 1}
+
+
+def _jpeg(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.new("L", (16, 12), color=(seed * 37) % 256).save(buf, "JPEG")
+    path.write_bytes(buf.getvalue())
+
+
+def make_tree(root: Path, splits: dict[str, dict[str, int]], patient0: int = 100) -> int:
+    k = 0
+    for split, counts in splits.items():
+        for cls, n in counts.items():
+            for i in range(n):
+                k += 1
+                _jpeg(root / split / cls / f"{cls}-{patient0 + i}-{k}.jpeg", k)
+    return k
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root)] = "dir"
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+    return out
+
+
+def test_kaggle_layout_trailing_space_val_merged_in_place(tmp_path):
+    user = tmp_path / "downloads" / "kermany2018"
+    oct_root = user / "OCT2017 "  # Kaggle's folder name ends with a space
+    make_tree(oct_root, {"train": TRAIN, "test": TEST, "val": VAL})
+    (oct_root / "train" / ".DS_Store").write_bytes(b"\x00\x01")
+    (oct_root / "train" / "CNV" / ".DS_Store").write_bytes(b"\x00\x02")
+    before = snapshot(user)
+    manifest_dir = tmp_path / "repo" / "data" / "raw"
+    manifest_dir.mkdir(parents=True)
+
+    df = folder_manifest(str(user), manifest_dir)
+
+    assert list(df.columns) == ["path", "class", "patient", "official_split", "mask"]
+    counts = df.groupby(["official_split", "class"]).size().to_dict()
+    assert counts == {**{("train", c): n for c, n in TRAIN.items()},
+                      **{("test", c): TEST[c] + VAL[c] for c in TEST}}
+    assert set(df["official_split"]) == {"train", "test"}
+    assert len(df) == sum(TRAIN.values()) + sum(TEST.values()) + sum(VAL.values())
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in df["path"])
+    assert df["path"].str.contains("/OCT2017 /").all()
+    assert df["path"].str.contains("/val/").sum() == sum(VAL.values())
+    assert (df.loc[df["path"].str.contains("/val/"), "official_split"] == "test").all()
+    assert (df["mask"] == "").all()
+    row = df[df["path"].str.endswith("/train/NORMAL/NORMAL-101-2.jpeg")].iloc[0]
+    assert (row["class"], row["patient"]) == ("NORMAL", "101")
+    assert df.attrs["skipped"] == []
+    assert snapshot(user) == before  # nothing copied, moved, created or modified
+    assert list(manifest_dir.iterdir()) == []
+
+    train, tests = find_oct2017_root(user)
+    assert train == oct_root / "train"
+    assert tests == [oct_root / "test", oct_root / "val"]
+
+
+def test_v3_celldata_layout_is_found(tmp_path):
+    z = tmp_path / "ZhangLabData"
+    make_tree(z / "CellData" / "OCT", {"train": TRAIN, "test": TEST})
+    # the chest X-rays of the same bundle also have train/test/NORMAL: must not be picked
+    _jpeg(z / "CellData" / "chest_xray" / "train" / "NORMAL" / "IM-0001-0001.jpeg", 1)
+    _jpeg(z / "CellData" / "chest_xray" / "test" / "PNEUMONIA" / "person1_virus_6.jpeg", 2)
+    expect = (z / "CellData" / "OCT" / "train", [z / "CellData" / "OCT" / "test"])
+    for start in (tmp_path, z, z / "CellData", z / "CellData" / "OCT"):
+        assert find_oct2017_root(start) == expect
+    df = folder_manifest(str(z / "CellData"), tmp_path / "elsewhere")
+    assert df.groupby("official_split").size().to_dict() == {"test": 6, "train": 8}
+
+
+def test_v2_layout_and_deeper_search(tmp_path):
+    make_tree(tmp_path / "OCT2017", {"train": TRAIN, "test": TEST})
+    assert find_oct2017_root(tmp_path) == (tmp_path / "OCT2017" / "train",
+                                           [tmp_path / "OCT2017" / "test"])
+    deep = tmp_path / "a" / "b" / "copy"
+    make_tree(deep, {"train": TRAIN, "test": TEST})
+    assert find_oct2017_root(tmp_path / "a") == (deep / "train", [deep / "test"])
+
+
+def test_misnamed_files_are_skipped_and_reported(tmp_path, caplog):
+    root = tmp_path / "OCT2017"
+    make_tree(root, {"train": TRAIN, "test": TEST})
+    _jpeg(root / "train" / "NORMAL" / "DME-555-1.jpeg", 1)  # name says DME, folder NORMAL
+    _jpeg(root / "train" / "CNV" / "scan_0001.jpeg", 2)  # no <CLASS>-<id>-<n> pattern
+    _jpeg(root / "train" / "PNEUMONIA" / "PNEUMONIA-1-1.jpeg", 3)  # unknown class folder
+    _jpeg(root / "test" / "loose-1-1.jpeg", 4)  # outside a class folder
+    (root / "test" / "DME" / "._DME-1-1.jpeg").write_bytes(b"appledouble")  # hidden: ignored
+    with caplog.at_level(logging.WARNING):
+        df = folder_manifest(str(tmp_path), tmp_path / "m")
+    assert len(df) == sum(TRAIN.values()) + sum(TEST.values())
+    assert not df["path"].str.contains("DME-555|scan_0001|PNEUMONIA|loose|\\._").any()
+    skipped = {Path(p).name: why for p, why in df.attrs["skipped"]}
+    assert set(skipped) == {"DME-555-1.jpeg", "scan_0001.jpeg", "PNEUMONIA", "loose-1-1.jpeg"}
+    assert skipped["DME-555-1.jpeg"] == "name says DME but the folder says NORMAL"
+    assert "does not match" in skipped["scan_0001.jpeg"]
+    assert "unknown class folder" in skipped["PNEUMONIA"]
+    assert "skipped 4 entries" in caplog.text and "DME-555-1.jpeg" in caplog.text
+
+
+def test_paths_relative_inside_manifest_dir(tmp_path):
+    raw = tmp_path / "raw"
+    make_tree(raw / "oct2017" / "OCT2017", {"train": TRAIN, "test": TEST})
+    train, tests = find_oct2017_root(raw / "oct2017")
+    df = build_manifest(train, tests, raw)
+    assert df["path"].str.startswith("oct2017/OCT2017/").all()
+    assert all((raw / p).is_file() for p in df["path"])
+    assert df.iloc[0]["path"] == "oct2017/OCT2017/train/CNV/CNV-100-4.jpeg"  # sorted walk
+
+
+def test_missing_folder_and_no_tree_errors(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(Oct2017NotFoundError, match="does not exist") as exc:
+        folder_manifest(str(missing), tmp_path)
+    assert str(missing) in str(exc.value)
+    with pytest.raises(Oct2017NotFoundError, match="empty"):
+        folder_manifest("", tmp_path)
+    empty = tmp_path / "empty"
+    (empty / "something").mkdir(parents=True)
+    with pytest.raises(Oct2017NotFoundError) as exc:
+        folder_manifest(str(empty), tmp_path)
+    msg = str(exc.value)
+    assert str(empty) in msg and "'OCT2017 '" in msg and "CellData/OCT" in msg
+    assert "'something'" in msg
