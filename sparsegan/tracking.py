@@ -24,10 +24,18 @@ def _git(*args: str) -> str:
     return out.stdout.strip()
 
 
-def main_repo_root() -> Path:
-    """The main working tree's root, also from a DVC temp workspace or a git worktree."""
-    common = _git("rev-parse", "--path-format=absolute", "--git-common-dir")
-    return Path(common).parent if common else Path.cwd()
+def main_repo_root(cwd: Path | None = None) -> Path:
+    """The main working tree's root, also from a DVC temp workspace or a git worktree.
+
+    ``dvc exp run --temp/--queue`` runs in ``<repo>/.dvc/tmp/exps/<dir>`` with a git repository of
+    its own, so the path says where the main repo is; a git worktree's common dir says it too."""
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    common = _git("-C", str(cwd), "rev-parse", "--path-format=absolute", "--git-common-dir")
+    return Path(common).parent if common else cwd
 
 
 def tracking_uri() -> str:

@@ -475,3 +475,31 @@ def test_fetch_oct2017_checksum_mismatch(server, tmp_path):
         fetch_oct2017(p, tmp_path)
     assert not (tmp_path / "downloads" / "OCT2017.tar.gz").exists()
     assert not (tmp_path / "oct2017").exists()
+
+
+def test_acquire_oct2017_with_separate_downloads_dir(server, tmp_path):
+    """The acquire stage's form: archive and tree in downloads_dir, manifest in raw_dir."""
+    import pandas as pd
+
+    from sparsegan.data.sources import acquire
+    from sparsegan.params import DataParams, Params
+
+    members = _oct_members("OCT2017")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, d in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(d)
+            tf.addfile(info, io.BytesIO(d))
+    data = buf.getvalue()
+    server.files["/v2/OCT2017.tar.gz"] = data
+    oct_p = Oct2017Params(version="v2", url=server.url + "/v2/OCT2017.tar.gz", sha256=sha(data))
+    params = Params(data=DataParams(source="oct2017", oct2017=oct_p))
+    raw, downloads = tmp_path / "data" / "raw", tmp_path / "data" / "downloads"
+    acquire(params, raw, downloads)
+    assert (downloads / "OCT2017.tar.gz").read_bytes() == data
+    df = pd.read_csv(raw / "manifest.csv", keep_default_na=False, dtype=str)
+    assert df.groupby(["official_split", "class"]).size().to_dict() == COUNTS
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in df["path"])
+    assert all(str(downloads / "oct2017" / "OCT2017") in p for p in df["path"])
+    assert not (raw / "oct2017").exists() and not (raw / "downloads").exists()

@@ -192,3 +192,24 @@ def test_write_splits(manifest, tmp_path):
     assert summary["dropped_for_patient_overlap"] == {"images": 4 * SHARED * TRAIN_IMAGES + 2,
                                                       "patients": 4 * SHARED}
     assert summary["shared_patients"] == {"train-val": 0, "train-test": 0, "val-test": 0}
+
+
+def test_manifest_csv_roundtrip_and_numeric_patient_ids(manifest, tmp_path):
+    from sparsegan.data.split import read_manifest
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    back = read_manifest(tmp_path / "manifest.csv")
+    assert back["patient"].iloc[0] == "1000" and back["mask"].iloc[0] == ""
+    p = SplitParams(protocol="patient", val_normal=10, val_per_disease=10)
+    a = make_splits(back, tmp_path, p, seed=0)
+    # ids read as numbers with blanks (float64) give the same patients, without ".0"
+    numeric = manifest.assign(patient=manifest["patient"].astype(float))
+    numeric.loc[0, "patient"] = float("nan")  # one image without a patient id
+    b = make_splits(numeric, tmp_path, p, seed=0)
+    assert not any(pid.endswith(".0") for df in b.values() for pid in df["patient"])
+    # the image without an id is a patient of its own: no longer dropped with test patient 1000
+    assert b["train"].attrs["dropped_overlap"] == a["train"].attrs["dropped_overlap"] - 1
+    orphan = os.path.normpath(str(tmp_path / manifest["path"].iloc[0]))
+    kept = pd.concat([b["train"], b["val"]])
+    assert kept.loc[kept["path"] == orphan, "patient"].tolist() == [""]
+    tr, va, te = (set(b[k]["path"]) for k in ("train", "val", "test"))
+    assert not tr & va and not tr & te and not va & te

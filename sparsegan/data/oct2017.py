@@ -4,7 +4,7 @@ Two sources end in the manifest of :mod:`sparsegan.data` (columns ``path, class,
 official_split, mask``):
 
 ``data.source=oct2017``  :func:`fetch_oct2017` downloads the Mendeley archive into
-    ``<raw>/downloads/`` (resumable, verified, see :mod:`sparsegan.data.download`), extracts it
+    ``<raw>/downloads/`` (or a separate downloads folder, see its docstring; resumable, verified, see :mod:`sparsegan.data.download`), extracts it
     safely into ``<raw>/oct2017/`` (skipping the chest X-rays and macOS ``._*`` files), finds the
     tree and indexes it. A marker file ``<raw>/oct2017/.extracted.json``, written after a
     successful extraction, makes re-runs with the same URL/checksum skip download and extraction
@@ -247,19 +247,31 @@ def _include(rel: PurePosixPath) -> bool:
     return not (set(rel.parts) & _SKIP_DIRS) and not rel.name.startswith("._")
 
 
-def fetch_oct2017(p: Oct2017Params, raw_dir: Path) -> pd.DataFrame:
+def fetch_oct2017(p: Oct2017Params, work_dir: Path, manifest_dir: Path | None = None) -> pd.DataFrame:
     """Download (resumable), extract safely (once) and index OCT2017; return the manifest.
 
-    Archive in ``raw_dir/downloads/``, tree in ``raw_dir/oct2017/``, manifest paths relative to
-    ``raw_dir``. ``p.url``/``p.sha256`` override the version's defaults (see the module docstring).
+    Two forms:
+
+    - ``fetch_oct2017(p, raw_dir)``: archive in ``raw_dir/downloads/``, tree in
+      ``raw_dir/oct2017/``, manifest paths relative to ``raw_dir``;
+    - ``fetch_oct2017(p, downloads_dir, manifest_dir)`` (the acquire stage, which keeps the big
+      files outside DVC's outputs): archive in ``downloads_dir/``, tree in
+      ``downloads_dir/oct2017/``; manifest paths relative to ``manifest_dir`` when the tree lies
+      inside it, else absolute.
+
+    ``p.url``/``p.sha256`` override the version's defaults (see the module docstring).
     """
-    raw_dir = Path(raw_dir)
+    work_dir = Path(work_dir)
+    if manifest_dir is None:
+        manifest_dir, archive_dir = work_dir, work_dir / "downloads"
+    else:
+        manifest_dir, archive_dir = Path(manifest_dir), work_dir
     src = DEFAULT_SOURCES[p.version]
     url = p.url or src.url
     sha256 = p.sha256 or ("" if p.url else src.sha256)
     size = None if p.url else src.size
-    archive = raw_dir / "downloads" / _archive_name(p)
-    out = raw_dir / "oct2017"
+    archive = archive_dir / _archive_name(p)
+    out = work_dir / "oct2017"
     marker = out / MARKER
     # What the extracted tree came from; a matching marker skips download and extraction (so the
     # archive may be deleted after a successful run to save space).
@@ -275,7 +287,7 @@ def fetch_oct2017(p: Oct2017Params, raw_dir: Path) -> pd.DataFrame:
         log.info("%s already extracted from %s (%s)", out, archive.name, marker)
     else:
         download(url, archive, sha256=sha256, size=size, retries=p.retries)
-        tmp = raw_dir / "oct2017.partial"
+        tmp = work_dir / "oct2017.partial"
         for stale in (tmp, out):
             if stale.exists():
                 shutil.rmtree(stale)
@@ -287,7 +299,7 @@ def fetch_oct2017(p: Oct2017Params, raw_dir: Path) -> pd.DataFrame:
 
     inner = out / src.root
     train, tests = find_oct2017_root(inner if not p.url and inner.is_dir() else out)
-    return build_manifest(train, tests, raw_dir)
+    return build_manifest(train, tests, manifest_dir)
 
 
 def folder_manifest(folder: str, manifest_dir: Path) -> pd.DataFrame:

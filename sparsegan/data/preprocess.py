@@ -104,7 +104,9 @@ def _to_gray(im: Image.Image) -> Image.Image:
         alpha = im.getchannel("A")
         gray = im.convert("RGB" if mode == "RGBA" else "L").convert("L")
         return ImageChops.multiply(gray, alpha)  # gray * alpha / 255: composited on black
-    try:  # LAB, HSV, RGBX, ...
+    if mode == "LAB":
+        return im.getchannel("L")  # lightness, already 0..255
+    try:  # HSV, RGBX, ...
         return im.convert("RGB").convert("L")
     except (ValueError, OSError):
         return im.convert("L")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from ..params import Params
 
 
@@ -26,3 +28,7 @@ def acquire(params: Params, raw_dir: Path, downloads_dir: Path = Path("data/down
         from .oct2017 import folder_manifest
         manifest = folder_manifest(d.folder, raw_dir)
     manifest.to_csv(raw_dir / "manifest.csv", index=False)
+    skipped = manifest.attrs.get("skipped", [])
+    pd.DataFrame(skipped, columns=["file", "reason"]).to_csv(raw_dir / "skipped.csv", index=False)
+    if skipped:
+        print(f"[acquire] {len(skipped)} files skipped, listed in {raw_dir / 'skipped.csv'}")

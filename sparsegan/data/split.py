@@ -60,6 +60,19 @@ def _resolve(value: str, base: str, cwd: str) -> str:
     return full
 
 
+def read_manifest(path: Path) -> pd.DataFrame:
+    """``manifest.csv`` with every column as text (patient ids stay ``"0123"``, empty stays ``""``)."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def _as_text(col: pd.Series) -> pd.Series:
+    """Ids as strings; integral floats (an int column with blanks read as float) lose the ``.0``."""
+    if pd.api.types.is_float_dtype(col):
+        return col.map(lambda v: "" if pd.isna(v) else str(int(v)) if float(v).is_integer()
+                       else str(v))
+    return col.fillna("").astype(str)
+
+
 def _clean_manifest(manifest: pd.DataFrame, manifest_dir: Path) -> pd.DataFrame:
     missing = [c for c in _MANIFEST_COLUMNS if c not in manifest.columns]
     if missing:
@@ -68,7 +81,7 @@ def _clean_manifest(manifest: pd.DataFrame, manifest_dir: Path) -> pd.DataFrame:
     df = pd.DataFrame({
         "path": manifest["path"].fillna("").astype(str),
         "class": manifest["class"].fillna("").astype(str).str.strip().str.upper(),
-        "patient": manifest["patient"].fillna("").astype(str).str.strip(),
+        "patient": _as_text(manifest["patient"]).str.strip(),
         "official_split": manifest["official_split"].fillna("").astype(str).str.strip().str.lower(),
         "mask": (manifest["mask"].fillna("").astype(str) if "mask" in manifest.columns
                  else ""),
