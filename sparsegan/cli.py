@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
@@ -13,6 +14,7 @@ class StageError(RuntimeError):
 
 
 def run_stage(main: Callable[..., None], *args: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s")
     try:
         main(*args)
     except (ParamError, StageError, FileNotFoundError, FloatingPointError) as exc:

@@ -138,9 +138,9 @@ def draw_size(rng: np.random.Generator) -> tuple[int, int]:
 
 def draw_anatomy(rng: np.random.Generator, height: int, width: int) -> Anatomy:
     u = rng.uniform
-    thick = np.array([u(7, 13), u(15, 22), u(8, 11), u(5, 7.5), u(17, 24), u(4, 6),
-                      u(2.2, 3.4), u(3.0, 4.5), 0.0, 0.0, u(4.0, 6.5), 0.0])
-    thick[:IS] *= u(0.85, 1.15)
+    thick = np.array([u(8, 15), u(17, 25), u(9, 13), u(5.5, 8.5), u(19, 27), u(4.5, 7),
+                      u(2.5, 3.8), u(3.5, 5.0), 0.0, 0.0, u(4.5, 7.0), 0.0])
+    thick[:IS] *= u(0.85, 1.2)
     values = np.array([u(85, 125), u(68, 95), u(42, 62), u(72, 100), u(35, 55), u(50, 72),
                        u(150, 215), u(85, 125), 20.0, 180.0, u(200, 248), 120.0])
     nv = int(rng.integers(3, 10))
@@ -160,15 +160,15 @@ def draw_anatomy(rng: np.random.Generator, height: int, width: int) -> Anatomy:
         vitreous=u(14, 40),
         choroid_top=u(95, 160),
         choroid_decay=u(28, 75),
-        choroid_lumen=u(0.25, 0.7),
+        choroid_lumen=u(0.4, 0.85),
         deep=u(5, 16),
         gain=u(0.85, 1.12),
         falloff=u(0.0, 0.35),
         noise=u(6, 19),
         noise_rel=u(0.04, 0.14),
         vessels_u=rng.uniform(0.03, 0.97, nv),
-        vessels_w=rng.uniform(1.5, 5.0, nv),
-        vessels_s=rng.uniform(0.15, 0.6, nv),
+        vessels_w=rng.uniform(1.5, 4.0, nv),
+        vessels_s=rng.uniform(0.05, 0.45, nv) ** 1.3,
         hyaloid=bool(rng.random() < 0.2),
         corner_p=float(rng.choice([0.0, 0.5, 0.95], p=[0.55, 0.25, 0.2])),
         stage=u(0.0, 1.0),
@@ -217,7 +217,14 @@ def _layer_image(bruch_px, thick_px, vals, vitreous, extra_b, extra_d, height) -
     if extra_b is not None:
         bounds = np.concatenate([bounds, extra_b], axis=0)
         deltas = np.concatenate([deltas, extra_d], axis=0)
-    return _stack(bounds, deltas, height)
+    return _vblur(_stack(bounds, deltas, height))
+
+
+def _vblur(a: np.ndarray) -> np.ndarray:
+    """Vertical [1, 2, 1] / 4 blur (soft layer edges), edges kept."""
+    b = a.copy()
+    b[1:-1] = (a[:-2] + 2 * a[1:-1] + a[2:]) * 0.25
+    return b
 
 
 def _ellipses(shape, ells, out=None) -> np.ndarray:
@@ -485,9 +492,10 @@ def render_scan(rng: np.random.Generator, cls: str, height: int, width: int,
     zn = zz.copy()
     zn[:, 1:] += zz[:, :-1]
     zn *= 1.0 / (1.2825 * np.sqrt(2.0))
-    small = rng.random((max(H // 14, 2) + 2, max(W // 14, 2) + 2), dtype=np.float32)
-    tex = np.asarray(Image.fromarray(small, mode="F").resize((W, H), Image.BILINEAR))
-    streak = 1.0 + 0.35 * _smooth_noise(rng, W, 3 * sx).astype(np.float32)
+    small = rng.random((max(int(H / (14 * sy)), 2) + 2, max(int(W / (20 * sx)), 2) + 2),
+                       dtype=np.float32)
+    tex = np.asarray(Image.fromarray(small, mode="F").resize((W, H), Image.BICUBIC))
+    streak = 1.0 + 0.1 * _smooth_noise(rng, W, 5 * sx).astype(np.float32)
     colgain = (1.0 + 0.12 * _smooth_noise(rng, W, 120 * sx)).astype(np.float32)
     corners = _corners(rng, a, H, W)
 
@@ -522,7 +530,8 @@ def render_scan(rng: np.random.Generator, cls: str, height: int, width: int,
     dy = yy[r0:] - bruch_px[None, :].astype(np.float32)
     below = dy > 0
     e = np.exp(-np.maximum(dy, 0) / (a.choroid_decay * sy))
-    lum = np.clip((tex[r0:] - 0.55) * 4.0, 0, 1) * a.choroid_lumen * np.clip(dy / (10 * sy), 0, 1)
+    lum = np.clip((tex[r0:] - 0.45) * 3.0, 0, 1) * a.choroid_lumen
+    lum *= np.clip((dy - 4 * sy) / (12 * sy), 0, 1)
     chor = below * streak[None, :] * (a.deep + (a.choroid_top - a.deep) * e * (1 - lum))
     vy = bruch_px - thick[RNFL:].sum(0) * sy  # just below the RNFL: vessel depth
     fac = (1.0 - shadow[None, :] * (yy > vy[None, :])) * colgain[None, :] * a.gain
