@@ -186,6 +186,16 @@ def test_sparsity_loss_sends_gradient_into_the_generator_encoder():
     assert all(p.grad is None for p in det.decoder.parameters())  # L_sp does not touch G_de
 
 
+def test_train_step_lets_l_sp_reach_the_encoder():
+    # lambda_re = lambda_adv = 0: in the generator step only L_sp can give G_en a nonzero gradient
+    det = make_detector("sparse_gan", lambda_re=0.0, lambda_adv=0.0, lambda_sp=50.0)
+    losses = det.train_step(layered_batch(4), "generator")
+    assert losses["sp"] > 0
+    for conv in (m for m in det.encoder.modules() if isinstance(m, nn.Conv2d)):
+        assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in det.decoder.parameters())
+
+
 def test_autoencoder_has_no_srn_and_no_discriminator():
     det = make_detector("autoencoder")
     assert det.srn is None and det.discriminator is None
