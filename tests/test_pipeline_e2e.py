@@ -98,7 +98,8 @@ def test_changing_lambda_sp_reruns_only_sparse_gan(pipeline: Path):
     (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], pipeline)
                         .strip().splitlines()[-1])
-    assert sorted(status) == ["train@sparse_gan"]
+    assert "train@sparse_gan" in status
+    assert all(stage.endswith("@sparse_gan") for stage in status), status
     out = _run([sys.executable, "-m", "dvc", "repro"], pipeline)
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     assert ran == {"train@sparse_gan", "score@sparse_gan", "calibrate@sparse_gan",

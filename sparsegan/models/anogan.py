@@ -8,22 +8,24 @@ Training: a DCGAN on normal images only. G: (B, latent_dim) z ~ N(0, I) -> (B, 1
 :class:`~sparsegan.models.networks.Discriminator`, which also gives the feature map f(x)
 (B, C, h, w) used below.
 
-Scoring ("mapping new images to the latent space"): for each query image x, search the z whose G(z) is closest to x by
-Gamma = ``search_steps`` Adam steps on z (G and D fixed), minimising per image
+Scoring (the paper's "mapping new images to the latent space"): for each query image x, search
+the z whose G(z) is closest to x by Gamma = ``search_steps`` Adam steps on z (lr ``search_lr``;
+G and D fixed, in eval mode), minimising per image
 
     L_R(z) = sum |x - G(z)|                      residual loss (sum over the S*S pixels)
     L_D(z) = sum |f(x) - f(G(z))|                discrimination loss, the paper's improved form
                                                  with feature matching (sum over the C*h*w features)
     L(z)   = (1 - l) * L_R(z) + l * L_D(z)       overall loss, l = ``weight`` (0.1 in the paper)
 
-and the anomaly score is A(x) = (1 - l) R(x) + l D(x) = L(z_Gamma), the overall loss at the last z.
-Sums, as in the paper (not means): the scale of the score does not matter for AUC and Adam is
-scale-free, and with our depth rule C*h*w = S*S at S=64, b=16 and S=224, b=64, so sums and means
-weigh the two terms alike there. The search runs
-on the whole batch at once: z is (B, latent_dim), the minimised objective is sum_i L_i(z_i), whose
-gradient with respect to z_i is that of L_i alone, and Adam is element-wise, so every image has
-its own independent search. The start z_1 is zeros or a seeded draw (``search_init``), so scores
-are reproducible.
+The anomaly score is A(x) = (1 - l) R(x) + l D(x) = L(z_Gamma), the overall loss at the last z.
+Sums as in the paper, not means: Adam's steps do not depend on the loss's scale, and with our
+depth rule C*h*w = S*S at S=64, b=16 and at S=224, b=64, so sums weigh the terms as means would.
+
+The search runs on the whole batch at once: z is (B, latent_dim), the minimised objective is
+sum_i L_i(z_i), whose gradient with respect to z_i is that of L_i alone, and Adam is element-wise,
+so every image has its own independent search. The start z_1 is one seeded draw of the prior
+shared by all images (or zeros; ``search_init``), so scores are reproducible and do not depend on
+the batch an image is scored in.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class AnoGAN(Detector):
         betas = (0.5, 0.999)  # DCGAN (Radford et al. 2016)
         self._optimizers = {
             "generator": torch.optim.Adam(self.generator.parameters(), lr=p.lr, betas=betas),
-            "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=p.lr, betas=betas),
+            "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=p.lr,
+                                              betas=betas),
         }
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
@@ -79,15 +82,18 @@ class AnoGAN(Detector):
         return {"d": float(d_loss.detach()), "g": float(g_loss.detach())}
 
     def initial_z(self, n: int, device: torch.device | str) -> torch.Tensor:
-        """z_1 of the search, (n, latent_dim): zeros or N(0, I) from a generator seeded with 0."""
+        """z_1 of the search, (n, latent_dim), the same row for every image: one draw of N(0, I)
+        from a generator seeded with 0 ("sample"), or zeros. A fixed row (not one draw per image)
+        keeps each image's score independent of its batch and position. Zeros is the prior's mean
+        but an atypical z in high dimension, and a dead start for an untrained G (ReLU at 0)."""
         if self.p.search_init == "zeros":
             return torch.zeros(n, self.p.latent_dim, device=device)
         rng = torch.Generator().manual_seed(0)
-        return torch.randn(n, self.p.latent_dim, generator=rng).to(device)
+        return torch.randn(1, self.p.latent_dim, generator=rng).to(device).expand(n, -1).clone()
 
     def search_loss(self, x: torch.Tensor, feat_x: torch.Tensor,
                     z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image overall loss L(z), (B,), and G(z), (B, 1, S, S); feat_x = f(x), (B, C, h, w)."""
+        """Per-image overall loss L(z) (B,) and G(z) (B, 1, S, S); feat_x = f(x) (B, C, h, w)."""
         generated = self.generator(z)
         residual = (x - generated).abs().flatten(1).sum(dim=1)  # L_R
         feat_g = self.discriminator(generated)[1]

@@ -3,10 +3,10 @@
 Schlegl, Seeböck, Waldstein, Langs, Schmidt-Erfurth: "f-AnoGAN: Fast unsupervised anomaly
 detection with generative adversarial networks", Medical Image Analysis 54, 2019.
 
-Phase ``gan``: a WGAN-GP (Gulrajani et al. 2017) on normal images. Generator
-G: (B, latent_dim) z ~ N(0, I) -> (B, 1, S, S) (:class:`~sparsegan.models.gan_parts.Generator`);
-critic D: the shared :class:`~sparsegan.models.networks.Discriminator` with ``norm="none"``
-(the gradient penalty is per sample, so no batch norm), whose last feature map is f(x), (B, C, h, w).
+Phase ``gan``: a WGAN-GP (Gulrajani et al. 2017) on normal images. Generator G: (B, latent_dim)
+z ~ N(0, I) -> (B, 1, S, S) (:class:`~sparsegan.models.gan_parts.Generator`); critic D: the shared
+:class:`~sparsegan.models.networks.Discriminator` with ``norm="none"`` (the gradient penalty is
+per sample, so no batch norm), whose last feature map is f(x), (B, C, h, w).
 Every ``train_step`` is one critic step; every ``n_critic``-th one is followed by one G step:
 
     L_D = mean D(G(z)) - mean D(x) + gp_weight * GP        critic loss, Gulrajani et al. eq. 3
@@ -90,7 +90,10 @@ class FAnoGAN(Detector):
     def _gan_step(self, x: torch.Tensor) -> dict[str, float]:
         """One critic step; a G step too when this is the n_critic-th critic step.
 
-        Logs "d", "gp", "wasserstein" (mean D(x) - mean D(G(z))) every step and "g" only on G steps."""
+        Logs the same keys every step (the training loop averages them over the epoch): "d" (L_D),
+        "gp", "wasserstein" (mean D(x) - mean D(G(z))) and "g", the G objective -mean D(G(z)) on
+        this step's fakes before the critic update, whether or not G is updated in this step.
+        """
         fake = self.generator(self.generator.sample_z(x.shape[0], x.device)).detach()
         d_real, d_fake = self.critic(x)[0], self.critic(fake)[0]  # (B,) each
         gp = gradient_penalty(self.critic, x, fake)
@@ -100,8 +103,6 @@ class FAnoGAN(Detector):
         d_loss.backward()
         opt_d.step()
         self.critic_steps += 1
-        logs = {"d": float(d_loss.detach()), "gp": float(gp.detach()),
-                "wasserstein": float((d_real - d_fake).mean().detach())}
         if int(self.critic_steps) % self.p.n_critic == 0:
             with frozen(self.critic):  # no batch norm in the critic: eval mode changes nothing
                 g_loss = -self.critic(self.generator(
@@ -110,8 +111,9 @@ class FAnoGAN(Detector):
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             opt_g.step()
-            logs["g"] = float(g_loss.detach())
-        return logs
+        return {"d": float(d_loss.detach()), "gp": float(gp.detach()),
+                "wasserstein": float((d_real - d_fake).mean().detach()),
+                "g": float(-d_fake.mean().detach())}
 
     def izif(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-image pixel MSE A_R (B,), feature MSE A_D (B,) and G(E(x)) (B, 1, S, S)."""
@@ -135,7 +137,7 @@ class FAnoGAN(Detector):
 
     @torch.no_grad()
     def score(self, x: torch.Tensor) -> ScoreOutput:
-        """A(x) = A_R + kappa * A_D per image, maps {"difference": |x - G(E(x))|}; all in eval mode."""
+        """A(x) = A_R + kappa * A_D (B,); maps {"difference": |x - G(E(x))|}; all in eval mode."""
         with frozen(self.generator, self.critic, self.encoder):
             image_mse, feature_mse, reconstruction = self.izif(x)
         return ScoreOutput(score=image_mse + self.p.kappa * feature_mse,

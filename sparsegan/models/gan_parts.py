@@ -2,8 +2,8 @@
 
 - :class:`Generator`: the DCGAN generator ``G: z -> image`` (Radford et al. 2016), a linear
   projection of ``z`` to the shared latent map shape followed by the shared
-  :class:`~sparsegan.models.networks.Decoder` (so its image path is the one Sparse-GAN's ``G_de`` uses).
-- :func:`gradient_penalty`: the WGAN-GP penalty (Gulrajani et al. 2017, eq. 3) that f-AnoGAN trains with.
+  :class:`~sparsegan.models.networks.Decoder` (the image path of Sparse-GAN's ``G_de``).
+- :func:`gradient_penalty`: the WGAN-GP penalty (Gulrajani et al. 2017, eq. 3) of f-AnoGAN.
 - :func:`frozen`: modules in eval mode with ``requires_grad=False`` for a while, then restored
   (AnoGAN's z-search and f-AnoGAN's encoder training keep G and D fixed).
 """
@@ -56,7 +56,7 @@ def _critic_value(out: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
 def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]],
                      real: torch.Tensor, fake: torch.Tensor,
                      alpha: torch.Tensor | None = None) -> torch.Tensor:
-    """WGAN-GP penalty ``GP = mean_i (||grad_x D(x_hat_i)||_2 - 1)^2`` (Gulrajani et al. 2017, eq. 3).
+    """WGAN-GP penalty ``GP = mean_i (||grad D(x_hat_i)||_2 - 1)^2`` (Gulrajani et al. 2017, eq. 3).
 
     ``x_hat = alpha * real + (1 - alpha) * fake`` with ``alpha`` (B, 1, ..., 1) ~ U(0, 1) per sample
     unless given. The graph is kept (``create_graph=True``) so that GP trains the critic. The critic
