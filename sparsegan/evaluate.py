@@ -9,6 +9,7 @@ variants into ``reports/metrics.json`` and ``reports/table1.md``.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -21,7 +22,10 @@ from sklearn.metrics import roc_auc_score
 from .data.dataset import iterate_batches, load_split
 from .metrics import calibrate_phi, detection_metrics, pixel_auroc, roc_table
 from .params import Params
+from .stats import delong_test, paired_bootstrap, patient_bootstrap
 from .train import load_detector, resolve_device
+
+logger = logging.getLogger(__name__)
 
 # Zhou et al., ISBI 2020, Table 1 (OCT2017, 224x224): val AUC, test AUC, test Acc, test Sen.
 PAPER_TABLE1 = {
@@ -86,15 +90,36 @@ def calibrate_variant(params: Params, scores_dir: Path, out_path: Path) -> dict:
 
 
 def evaluate_variant(variant: str, scores_dir: Path, report_dir: Path,
-                     test_masks: np.ndarray | None) -> dict:
+                     test_masks: np.ndarray | None, seed: int = 0, n_boot: int = 1000) -> dict:
     """Test metrics at the validation phi of ``report_dir/calibration.json``, the ROC table and
-    (with lesion masks) the pixel AUROC of each anomaly map on the diseased test scans."""
+    (with lesion masks) the pixel AUROC of each anomaly map on the diseased test scans.
+
+    Flat keys (floats, plus ``criterion``): ``val_auc``, ``phi``, ``test_<m>`` for m in AUC,
+    average precision, accuracy, sensitivity, specificity, F1, each with its 95% patient-bootstrap
+    percentile interval ``test_<m>_ci_low`` / ``test_<m>_ci_high`` (``n_boot`` resamples of the
+    test *patients*, seeded by ``seed``; see :mod:`sparsegan.stats`), ``test_bootstrap_resamples``,
+    ``test_bootstrap_skipped`` (single-class resamples), ``test_patients``, ``test_auc_<CLASS>``
+    (each disease vs NORMAL), ``test_images_per_s`` and ``pixel_auroc_<map>``.
+    """
     calibration = json.loads((report_dir / "calibration.json").read_text())
-    test = pd.read_csv(scores_dir / "test.csv")
-    labels, scores = test["label"].to_numpy(), test["score"].to_numpy()
-    metrics = {"val_auc": calibration["validation"]["auc"], "phi": calibration["phi"],
+    test = pd.read_csv(scores_dir / "test.csv", dtype={"patient": str}, keep_default_na=False)
+    labels, scores = test["label"].to_numpy(), test["score"].to_numpy(dtype=float)
+    phi = calibration["phi"]
+    metrics = {"val_auc": calibration["validation"]["auc"], "phi": phi,
                "criterion": calibration["criterion"],
-               **{f"test_{k}": v for k, v in detection_metrics(labels, scores, calibration["phi"]).items()}}
+               **{f"test_{k}": v for k, v in detection_metrics(labels, scores, phi).items()}}
+    if "patient" in test.columns:
+        patients = test["patient"].to_numpy()
+    else:
+        logger.warning("%s/test.csv has no patient column: bootstrapping scans, not patients",
+                       scores_dir)
+        patients = np.arange(len(test)).astype(str)
+    intervals = patient_bootstrap(labels, scores, patients, phi, n_boot=n_boot, seed=seed)
+    for k, (lo, hi) in intervals.items():
+        metrics[f"test_{k}_ci_low"], metrics[f"test_{k}_ci_high"] = lo, hi
+    metrics["test_bootstrap_resamples"] = n_boot
+    metrics["test_bootstrap_skipped"] = intervals.n_skipped
+    metrics["test_patients"] = intervals.n_patients
     for cls in sorted(set(test["class"]) - {"NORMAL"}):
         subset = test["class"].isin(["NORMAL", cls]).to_numpy()
         metrics[f"test_auc_{cls}"] = float(roc_auc_score(labels[subset], scores[subset]))
@@ -111,6 +136,51 @@ def evaluate_variant(variant: str, scores_dir: Path, report_dir: Path,
         report_dir / "roc.csv", index=False)
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics
+
+
+def compare_to_reference(variants: list[str], scores_root: Path, reference: str = "sparse_gan",
+                         n_boot: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Paired comparison of ``reference`` against every other variant on the test set.
+
+    Reads ``scores_root/<v>/test.csv`` of each variant (all must list the same scans in the same
+    order: a differing ``path`` column raises ``ValueError``). For each other variant ``v``
+    returns ``{v: {...}}`` with flat floats: ``delta_auc`` = AUC(reference) - AUC(v),
+    ``delta_auc_ci_low`` / ``delta_auc_ci_high`` (95% percentile interval) and ``p_value`` of the
+    paired patient bootstrap (the same patient resamples for both variants,
+    :func:`sparsegan.stats.paired_bootstrap`), ``p_value_delong`` (DeLong's test, which treats
+    scans as independent), ``auc_reference``, ``auc_other``, ``bootstrap_resamples`` and
+    ``bootstrap_skipped``. Returns ``{}`` when ``reference`` is not among ``variants``.
+    Pure: reads the score files, writes nothing.
+    """
+    if reference not in variants:
+        return {}
+    scores_root = Path(scores_root)
+
+    def read(v: str) -> pd.DataFrame:
+        return pd.read_csv(scores_root / v / "test.csv", dtype={"patient": str},
+                           keep_default_na=False)
+
+    ref = read(reference)
+    labels = ref["label"].to_numpy()
+    patients = (ref["patient"].to_numpy() if "patient" in ref.columns
+                else np.arange(len(ref)).astype(str))
+    results = {}
+    for v in variants:
+        if v == reference:
+            continue
+        other = read(v)
+        if len(other) != len(ref) or not (other["path"].to_numpy() == ref["path"].to_numpy()).all():
+            raise ValueError(f"{scores_root}/{v}/test.csv and {scores_root}/{reference}/test.csv "
+                             f"do not list the same test scans in the same order; re-run "
+                             f"`dvc repro score@{v} score@{reference}`")
+        a, b = ref["score"].to_numpy(dtype=float), other["score"].to_numpy(dtype=float)
+        boot = paired_bootstrap(labels, a, b, patients, n_boot=n_boot, seed=seed)
+        results[v] = {"delta_auc": boot["delta_auc"], "delta_auc_ci_low": boot["ci"][0],
+                      "delta_auc_ci_high": boot["ci"][1], "p_value": boot["p_value"],
+                      "p_value_delong": delong_test(labels, a, b)["p_value"],
+                      "auc_reference": boot["auc_a"], "auc_other": boot["auc_b"],
+                      "bootstrap_resamples": n_boot, "bootstrap_skipped": boot["n_skipped"]}
+    return results
 
 
 def table1_markdown(results: dict[str, dict]) -> str:
@@ -142,11 +212,13 @@ def _log_to_mlflow(variant: str, model_dir: Path, metrics: dict, report_dir: Pat
 
 
 def evaluate(variant: str, processed_dir: Path, scores_dir: Path, model_dir: Path,
-             report_dir: Path, log_mlflow: bool = True) -> dict:
-    """Stage evaluate@<variant>: metrics of one variant, also logged to its MLflow run."""
+             report_dir: Path, log_mlflow: bool = True, seed: int = 0, n_boot: int = 1000) -> dict:
+    """Stage evaluate@<variant>: metrics of one variant, also logged to its MLflow run.
+    ``seed`` and ``n_boot`` drive the patient bootstrap (pass ``params.seed``)."""
     masks_path = processed_dir / "test_masks.npy"
     test_masks = np.load(masks_path, mmap_mode="r") if masks_path.exists() else None
-    metrics = evaluate_variant(variant, scores_dir, report_dir, test_masks)
+    metrics = evaluate_variant(variant, scores_dir, report_dir, test_masks, seed=seed,
+                               n_boot=n_boot)
     if log_mlflow:
         _log_to_mlflow(variant, model_dir, metrics, report_dir)
     return metrics

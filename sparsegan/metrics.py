@@ -7,7 +7,7 @@ chosen on the validation set only; the test set never chooses phi, a checkpoint 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 
 def candidate_thresholds(scores: np.ndarray) -> np.ndarray:
@@ -35,6 +35,9 @@ def calibrate_phi(labels: np.ndarray, scores: np.ndarray, criterion: str = "accu
     ``f1``, or ``sensitivity`` (the highest phi whose sensitivity reaches the target). Ties go to
     the lowest phi for accuracy/youden/f1 (the first maximum)."""
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
+    if not np.isfinite(scores).all():
+        raise ValueError(f"calibration needs finite scores; {int((~np.isfinite(scores)).sum())} "
+                         "validation scores are NaN or infinite")
     if labels.min() == labels.max():
         raise ValueError("calibration needs both normal and diseased validation scans")
     phis = candidate_thresholds(scores)
@@ -54,11 +57,14 @@ def calibrate_phi(labels: np.ndarray, scores: np.ndarray, criterion: str = "accu
 
 
 def detection_metrics(labels: np.ndarray, scores: np.ndarray, phi: float) -> dict[str, float]:
-    """AUC (threshold-free) and accuracy, sensitivity, specificity, F1 at phi."""
+    """AUC and average precision (threshold-free; AP as scikit-learn's step-wise area under the
+    precision-recall curve, diseased = positive) and accuracy, sensitivity, specificity, F1 at
+    phi. :mod:`sparsegan.stats` computes the same six on patient-bootstrap resamples."""
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=float)
     tp, fp, tn, fn = (int(v[0]) for v in confusion(labels, scores, phi))
     return {
         "auc": float(roc_auc_score(labels, scores)),
+        "average_precision": float(average_precision_score(labels, scores)),
         "accuracy": (tp + tn) / len(labels),
         "sensitivity": tp / max(tp + fn, 1),
         "specificity": tn / max(tn + fp, 1),

@@ -9,9 +9,9 @@ from sparsegan.params import load_params
 
 
 def main(variant: str) -> None:
-    load_params()  # validate before any work
+    params = load_params()
     evaluate(variant, Path("data/processed"), Path("scores") / variant, Path("models") / variant,
-             Path("reports/variants") / variant)
+             Path("reports/variants") / variant, seed=params.seed)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,309 @@
+"""``sparsegan predict``: screen new OCT B-scans with a trained, calibrated variant.
+
+Usage (from the repository root, after ``dvc repro``)::
+
+    sparsegan predict --variant sparse_gan --out preds/ scans/ more/scan.png
+    python -m sparsegan.predict predict --variant sparse_gan --out preds/ scans/
+
+Options: ``--models models`` (reads ``<models>/<variant>/model.pt``), ``--calibration
+reports/variants`` (reads ``<calibration>/<variant>/calibration.json``, the phi chosen on the
+validation set), ``--params params.yaml`` (the architecture the model was trained with),
+``--batch-size`` and ``--device`` (default: ``train.batch_size`` / ``train.device`` of the params),
+``--alpha`` (heatmap opacity, 0.45).
+
+Inputs are image files or folders; folders are searched recursively for ``.jpeg .jpg .png .tif
+.tiff .bmp`` (any case; hidden files skipped; other files are listed as ignored). A file named
+explicitly is always tried. Any size and mode is accepted and converted exactly as in training
+(:func:`sparsegan.data.preprocess.load_gray`: RGB -> luma, alpha composited on black, 16-bit
+stretched from its own min..max, resized to the model's image size without keeping the aspect
+ratio).
+
+Writes into ``--out``:
+
+``predictions.csv``  one row per scored image: ``file`` (as found), ``score`` (the variant's
+                     anomaly score), ``phi``, ``decision`` (``disease`` when ``score > phi``, else
+                     ``normal``, eq. 5) and ``overlay`` (the PNG's path inside ``--out``)
+``overlays/...``     per image, the anomaly map (the AAM for variants that have one, else the
+                     difference map ``|I_in - I_re|``) min-max normalised, coloured with
+                     matplotlib's ``jet`` and blended over the resized grayscale input, as an
+                     S x S RGB PNG (S = the model's image size). Folder inputs keep their
+                     sub-folders: ``overlays/<folder>/<sub>/<file name>.png``.
+
+Images are decoded one by one and scored in batches. A file that cannot be used (missing,
+unreadable, not an image, truncated, too small, ...) is reported on stderr as ``error: <file>:
+<reason>`` and the others are still processed.
+
+Exit status: 0 when every input was scored, 1 when any failed (or none was found), 2 for a usage
+error (unknown variant, missing model or calibration, params that do not fit the model), with one
+line naming what to run, e.g. ``dvc repro train@sparse_gan``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp"})
+
+
+class UsageError(Exception):
+    """A problem with the command line or the trained artefacts: exit status 2."""
+
+
+@dataclass(frozen=True)
+class Item:
+    path: Path  # the file, as found (input argument joined with the relative path)
+    overlay: Path  # where its overlay goes, relative to --out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsegan",
+                                     description="Sparse-GAN OCT anomaly detection tools.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("predict", help="score image files or folders with a trained variant",
+                       description="Score OCT B-scans with a trained, calibrated variant; write "
+                                   "predictions.csv and an anomaly-map overlay per image.")
+    p.add_argument("--variant", required=True, help="e.g. sparse_gan")
+    p.add_argument("--models", type=Path, default=Path("models"),
+                   help="folder holding <variant>/model.pt (default: models)")
+    p.add_argument("--calibration", type=Path, default=Path("reports/variants"),
+                   help="folder holding <variant>/calibration.json (default: reports/variants)")
+    p.add_argument("--params", type=Path, default=Path("params.yaml"),
+                   help="the params.yaml the model was trained with (default: params.yaml)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per scoring batch (default: train.batch_size)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="default: train.device")
+    p.add_argument("--alpha", type=float, default=0.45, help="heatmap opacity (default: 0.45)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    return parser
+
+
+def _is_hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+def collect_inputs(inputs: list[str | Path]) -> tuple[list[Item], list[tuple[str, str]], list[str]]:
+    """``(items to score, failures (name, reason), ignored non-image files)`` for the inputs."""
+    items: list[Item] = []
+    failures: list[tuple[str, str]] = []
+    ignored: list[str] = []
+    seen: set[Path] = set()
+    taken: set[Path] = set()
+
+    def add(path: Path, overlay: Path) -> None:
+        key = path.resolve()
+        if key in seen:
+            return
+        seen.add(key)
+        candidate, n = overlay, 1
+        while candidate in taken:  # two inputs with the same name: keep both overlays
+            n += 1
+            candidate = overlay.with_name(f"{overlay.stem}-{n}{overlay.suffix}")
+        taken.add(candidate)
+        items.append(Item(path, candidate))
+
+    for arg in inputs:
+        root = Path(arg)
+        if root.is_dir():
+            name = root.resolve().name or "input"
+            found = False
+            for f in sorted(root.rglob("*")):
+                rel = f.relative_to(root)
+                if _is_hidden(rel) or not f.is_file():
+                    continue
+                if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                    ignored.append(str(f))
+                    continue
+                found = True
+                add(f, Path(name) / rel.parent / (rel.name + ".png"))
+            if not found:
+                failures.append((str(root), "no images (.jpeg .jpg .png .tif .tiff .bmp) in this folder"))
+        elif root.exists():
+            add(root, Path(root.name + ".png"))
+        else:
+            failures.append((str(root), "no such file or folder"))
+    return items, failures, ignored
+
+
+def overlay_image(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45,
+                  cmap: str = "jet") -> np.ndarray:
+    """uint8 ``(S, S, 3)``: ``heat`` (any range, min-max normalised) coloured by ``cmap`` and
+    blended with opacity ``alpha`` over the uint8 grayscale ``gray`` ``(S, S)``."""
+    import matplotlib
+
+    h = np.asarray(heat, dtype=np.float64)
+    lo, hi = float(h.min()), float(h.max())
+    h = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
+    color = matplotlib.colormaps[cmap](h)[..., :3]
+    base = np.repeat(np.asarray(gray, dtype=np.float64)[..., None] / 255.0, 3, axis=2)
+    out = (1 - alpha) * base + alpha * color
+    return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
+
+
+def load_model(variant: str, params, models_dir: Path, params_path: Path, device):
+    """``(detector in eval mode, image size)`` from ``models_dir/<variant>/model.pt``."""
+    import torch
+
+    from .models import build_detector
+    from .train import config_hash
+
+    path = models_dir / variant / "model.pt"
+    if not path.is_file():
+        raise UsageError(f"{path}: no trained model; run `dvc repro train@{variant}` "
+                         f"(or pass --models)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        size = int(state["image_size"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is a usage error
+        raise UsageError(f"{path}: not a readable model ({type(exc).__name__}); re-run "
+                         f"`dvc repro train@{variant}`") from None
+    if state.get("variant", variant) != variant:
+        raise UsageError(f"{path} holds variant {state['variant']!r}, not {variant!r}")
+    detector = build_detector(variant, params, size)
+    try:
+        detector.load_state_dict(state["model"])
+    except RuntimeError:
+        raise UsageError(f"{path} does not fit the architecture of {params_path} "
+                         f"(model.base_channels, srn, latent sizes): pass --params with the "
+                         f"params.yaml it was trained with, or re-run `dvc repro train@{variant}`"
+                         ) from None
+    if state.get("config") not in (None, config_hash(variant, params, size)):
+        print(f"warning: {path} was trained with params other than {params_path}; using it "
+              f"anyway", file=sys.stderr)
+    return detector.to(device).eval(), size
+
+
+def load_phi(variant: str, calibration_dir: Path) -> float:
+    path = calibration_dir / variant / "calibration.json"
+    if not path.is_file():
+        raise UsageError(f"{path}: no calibrated phi; run `dvc repro calibrate@{variant}` "
+                         f"(or pass --calibration)")
+    try:
+        return float(json.loads(path.read_text())["phi"])
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{path}: no valid phi; re-run `dvc repro calibrate@{variant}`") from None
+
+
+def _batches(items: list[Item], size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace | int:
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return int(exc.code or 0)
+
+
+def predict(args: argparse.Namespace) -> int:
+    """The ``predict`` command; returns 0 or 1, raises :class:`UsageError`."""
+    from .params import VARIANTS, ParamError, load_params
+
+    if args.variant not in VARIANTS:
+        raise UsageError(f"unknown variant {args.variant!r}: choose one of {', '.join(VARIANTS)}")
+    if not args.params.is_file():
+        raise UsageError(f"{args.params}: not found; pass --params with the params.yaml the "
+                         f"model was trained with")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 <= args.alpha <= 1:
+        raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
+    try:
+        params = load_params(args.params)
+    except ParamError as exc:
+        raise UsageError(str(exc)) from None
+
+    import torch  # after the cheap checks: a usage error answers at once
+    from PIL import Image
+
+    from .data.dataset import to_float
+    from .data.preprocess import SkipImage, load_gray
+    from .train import resolve_device
+
+    try:
+        device = resolve_device(args.device or params.train.device)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+    detector, size = load_model(args.variant, params, args.models, args.params, device)
+    phi = load_phi(args.variant, args.calibration)
+    batch_size = args.batch_size or params.train.batch_size
+
+    items, failures, ignored = collect_inputs(args.inputs)
+    for name in ignored:
+        print(f"note: {name}: ignored (not a .jpeg .jpg .png .tif .tiff .bmp file)", file=sys.stderr)
+    for name, reason in failures:
+        print(f"error: {name}: {reason}", file=sys.stderr)
+
+    def fail(name: str, reason: str) -> None:
+        failures.append((name, reason))
+        print(f"error: {name}: {reason}", file=sys.stderr)
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(params.seed)  # AnoGAN's search starts from torch's RNG, as in scoring
+    n_scored = n_disease = 0
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "score", "phi", "decision", "overlay"])
+        for batch in _batches(items, batch_size):
+            images, ok = [], []
+            for item in batch:
+                try:
+                    images.append(load_gray(item.path, size))
+                    ok.append(item)
+                except SkipImage as exc:
+                    fail(str(item.path), str(exc))
+            if not ok:
+                continue
+            x = to_float(np.stack(images)[:, None], device)
+            with torch.no_grad():
+                result = detector.score(x)
+            scores = result.score.float().cpu().numpy()
+            heat = result.maps.get("aam", result.maps["difference"]).float().cpu().numpy()
+            for item, gray, score, h in zip(ok, images, scores, heat):
+                if not np.isfinite(score):
+                    fail(str(item.path), f"the model gave a non-finite score ({score})")
+                    continue
+                target = out / "overlays" / item.overlay
+                target.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(overlay_image(gray, h[0], args.alpha)).save(target)
+                decision = "disease" if score > phi else "normal"
+                writer.writerow([str(item.path), repr(float(score)), repr(phi), decision,
+                                 (Path("overlays") / item.overlay).as_posix()])
+                n_scored += 1
+                n_disease += decision == "disease"
+            fh.flush()
+    print(f"{n_scored} image(s) scored with {args.variant} (phi {phi:.6g}): {n_disease} disease, "
+          f"{n_scored - n_disease} normal -> {out / 'predictions.csv'}"
+          + (f"; {len(failures)} failed" if failures else ""))
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``sparsegan <command> ...``; returns the exit status (see the module docstring)."""
+    args = _parse(argv)
+    if isinstance(args, int):
+        return args
+    try:
+        return predict(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cli() -> None:
+    """Console entry point ``sparsegan``."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,125 @@
+"""phi (eq. 5) for each calibration criterion equals the value worked out by hand, and
+calibrate_variant saves phi, the criterion and the validation operating point."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sparsegan.evaluate import calibrate_variant
+from sparsegan.metrics import calibrate_phi, candidate_thresholds, detection_metrics
+from sparsegan.params import CalibrateParams, Params
+
+# 11 validation scans, sorted by score; 4 diseased (label 1), 7 normal. A threshold phi between
+# neighbours k and k+1 calls the scans above it diseased. Worked out by hand (tp, fp of the
+# decision score > phi; Acc = (tp + 7 - fp) / 11, J = tp/4 - fp/7, F1 = 2tp / (2tp + fp + 4 - tp)):
+#
+#   phi    tp fp   Acc    J      F1
+#  -0.90   4  7   4/11  0      8/15 = .533
+#   0.15   4  6   5/11  .143   8/14 = .571
+#   0.25   4  5   6/11  .286   8/13 = .615  <- F1 max
+#   0.375  3  5   5/11  .036   6/12 = .500
+#   0.475  3  4   6/11  .179   6/11 = .545
+#   0.60   3  3   7/11  .321   6/10 = .600  <- Youden max; highest phi with sensitivity >= .75
+#   0.75   2  3   6/11  .071   4/9  = .444
+#   0.90   2  2   7/11  .214   4/8  = .500  <- highest phi with sensitivity >= .5
+#   1.05   1  2   6/11 -.036   2/7  = .286
+#   1.25   1  1   7/11  .107   2/5  = .400
+#   1.70   1  0   8/11  .250   2/5  = .400  <- accuracy max
+#   2.00   0  0   7/11  0      0
+SCORES = np.array([0.10, 0.20, 0.30, 0.45, 0.50, 0.70, 0.80, 1.00, 1.10, 1.40, 2.00])
+LABELS = np.array([0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1])
+
+EXPECTED = [("accuracy", 0.95, 1.70), ("youden", 0.95, 0.60), ("f1", 0.95, 0.25),
+            ("sensitivity", 0.5, 0.90), ("sensitivity", 0.75, 0.60),
+            ("sensitivity", 1.0, 0.25)]
+
+
+def shuffled(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(len(SCORES))
+    return LABELS[perm], SCORES[perm]
+
+
+def test_candidate_thresholds_are_below_all_midpoints_and_top():
+    expected = [-0.90, 0.15, 0.25, 0.375, 0.475, 0.60, 0.75, 0.90, 1.05, 1.25, 1.70, 2.00]
+    np.testing.assert_allclose(candidate_thresholds(SCORES), expected)
+
+
+@pytest.mark.parametrize("criterion,target,phi", EXPECTED)
+def test_phi_of_each_criterion_matches_hand_computation(criterion, target, phi):
+    labels, scores = shuffled()  # input order must not matter
+    assert calibrate_phi(labels, scores, criterion, target) == pytest.approx(phi)
+
+
+def test_the_four_criteria_pick_four_different_thresholds():
+    labels, scores = shuffled()
+    phis = {c: calibrate_phi(labels, scores, c, 0.5)
+            for c in ("accuracy", "youden", "f1", "sensitivity")}
+    assert len(set(phis.values())) == 4
+
+
+def test_operating_points_at_hand_phis():
+    labels, scores = shuffled()
+    acc = detection_metrics(labels, scores, 1.70)
+    assert acc["accuracy"] == pytest.approx(8 / 11)
+    assert acc["sensitivity"] == pytest.approx(0.25) and acc["specificity"] == 1.0
+    you = detection_metrics(labels, scores, 0.60)
+    assert you["sensitivity"] - (1 - you["specificity"]) == pytest.approx(0.75 - 3 / 7)
+    assert detection_metrics(labels, scores, 0.25)["f1"] == pytest.approx(8 / 13)
+
+
+def test_ties_go_to_the_lowest_threshold():
+    # accuracy 3/4 at phi 1.5 (tp 2, fp 1) and at phi 3.5 (tp 1, fp 0): the lower one wins
+    assert calibrate_phi(np.array([0, 1, 0, 1]), np.array([1.0, 2.0, 3.0, 4.0])) == 1.5
+
+
+def test_tied_scores_share_one_decision():
+    # scores 2.0 of a normal and a diseased scan cannot be split; candidates -1, 1.5, 2.5, 3;
+    # accuracy 3/4 at 1.5 (tp 2, fp 1) and at 2.5 (tp 1, fp 0) -> 1.5
+    labels, scores = np.array([0, 0, 1, 1]), np.array([1.0, 2.0, 2.0, 3.0])
+    np.testing.assert_allclose(candidate_thresholds(scores), [0.0, 1.5, 2.5, 3.0])
+    assert calibrate_phi(labels, scores, "accuracy") == 1.5
+    assert calibrate_phi(labels, scores, "sensitivity", 1.0) == 1.5
+
+
+def test_rejects_one_class_unknown_criterion_and_nan():
+    with pytest.raises(ValueError, match="both normal and diseased"):
+        calibrate_phi(np.zeros(4, int), np.arange(4.0))
+    with pytest.raises(ValueError, match="allowed accuracy"):
+        calibrate_phi(LABELS, SCORES, "auc")
+    with pytest.raises(ValueError, match="finite"):
+        calibrate_phi(LABELS, np.where(LABELS == 1, np.nan, SCORES))
+
+
+@pytest.mark.parametrize("criterion,target,phi", [("accuracy", 0.95, 1.70), ("youden", 0.95, 0.60),
+                                                  ("sensitivity", 0.5, 0.90)])
+def test_calibrate_variant_saves_phi_criterion_and_validation_point(tmp_path, criterion, target,
+                                                                    phi):
+    labels, scores = shuffled()
+    scores_dir = tmp_path / "scores"
+    scores_dir.mkdir()
+    pd.DataFrame({"path": [f"s{i}.jpeg" for i in range(len(labels))], "label": labels,
+                  "class": np.where(labels == 1, "CNV", "NORMAL"),
+                  "patient": np.arange(len(labels)), "score": scores}).to_csv(
+        scores_dir / "val.csv", index=False)
+    # a test.csv that would pick another phi must be ignored
+    pd.DataFrame({"path": ["t0", "t1"], "label": [1, 0], "class": ["CNV", "NORMAL"],
+                  "patient": [0, 1], "score": [0.0, 9.0]}).to_csv(scores_dir / "test.csv",
+                                                                  index=False)
+    params = Params(calibrate=CalibrateParams(criterion=criterion, target_sensitivity=target))
+    out = tmp_path / "reports" / "calibration.json"
+    result = calibrate_variant(params, scores_dir, out)
+    saved = json.loads(out.read_text())
+    assert saved == result
+    assert saved["phi"] == pytest.approx(phi)
+    assert saved["criterion"] == criterion
+    expected_point = detection_metrics(labels, scores, phi)
+    assert saved["validation"] == pytest.approx(expected_point)
+    assert set(saved["validation"]) == {"auc", "average_precision", "accuracy", "sensitivity",
+                                        "specificity", "f1"}
+    assert ("target_sensitivity" in saved) == (criterion == "sensitivity")
+    if criterion == "sensitivity":
+        assert saved["target_sensitivity"] == target

@@ -1,0 +1,227 @@
+"""The screening command ``sparsegan predict`` on a tiny untrained-but-saved detector."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparsegan.data.dataset import to_float
+from sparsegan.data.preprocess import load_gray
+from sparsegan.models import build_detector
+from sparsegan.params import ModelParams, Params
+from sparsegan.predict import main, overlay_image
+from sparsegan.train import config_hash
+
+SIZE = 32
+
+
+def scan(w: int, h: int, seed: int) -> np.ndarray:
+    """An OCT-like uint8 B-scan: bright wavy bands over speckle."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    band = 128 + 100 * np.sin(2 * np.pi * (y / h * 3 + 0.1 * np.sin(2 * np.pi * x / w) + seed))
+    return np.clip(band + rng.normal(0, 20, (h, w)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """models/sparse_gan/model.pt saved as train_variant saves it, params.yaml, and a
+    calibration.json whose phi splits the good test images."""
+    root = tmp_path_factory.mktemp("repo")
+    params = Params(model=ModelParams(base_channels=4))
+    (root / "params.yaml").write_text("seed: 0\nmodel:\n  base_channels: 4\n")
+    torch.manual_seed(0)
+    detector = build_detector("sparse_gan", params, SIZE).eval()
+    (root / "models" / "sparse_gan").mkdir(parents=True)
+    torch.save({"variant": "sparse_gan", "image_size": SIZE,
+                "config": config_hash("sparse_gan", params, SIZE),
+                "model": detector.state_dict()}, root / "models" / "sparse_gan" / "model.pt")
+
+    scans = root / "scans"
+    (scans / "sub").mkdir(parents=True)
+    Image.fromarray(scan(90, 70, 1)).save(scans / "gray1.jpeg", quality=90)
+    Image.fromarray(scan(120, 100, 2)).save(scans / "sub" / "gray2.jpg", quality=90)
+    rgb = np.stack([scan(64, 48, 3), scan(64, 48, 4), scan(64, 48, 5)], axis=2)
+    Image.fromarray(rgb).save(scans / "rgb.png")  # mode RGB
+    Image.fromarray(scan(256, 256, 6)).save(root / "full.jpeg", quality=95)
+    data = (root / "full.jpeg").read_bytes()
+    (scans / "truncated.jpeg").write_bytes(data[:len(data) // 2])
+    (scans / "fake.jpg").write_text("this is not an image\n")
+    (scans / "notes.txt").write_text("a text file in the folder\n")
+
+    good = {"gray1.jpeg": scans / "gray1.jpeg", "gray2.jpg": scans / "sub" / "gray2.jpg",
+            "rgb.png": scans / "rgb.png"}
+    with torch.no_grad():
+        x = to_float(np.stack([load_gray(p, SIZE) for p in good.values()])[:, None])
+        expected = detector.score(x).score.numpy()
+    low, mid, _ = np.sort(expected)
+    phi = float((low + mid) / 2)  # two images above phi, one below
+    calib = root / "reports" / "variants" / "sparse_gan"
+    calib.mkdir(parents=True)
+    (calib / "calibration.json").write_text(json.dumps({"phi": phi, "criterion": "accuracy"}))
+    return {"root": root, "scans": scans, "phi": phi,
+            "expected": dict(zip(good, expected.tolist()))}
+
+
+def run(repo, *inputs, variant="sparse_gan", extra=(), out="preds"):
+    root = repo["root"]
+    argv = ["predict", "--variant", variant, "--models", str(root / "models"),
+            "--calibration", str(root / "reports" / "variants"),
+            "--params", str(root / "params.yaml"), "--out", str(root / out),
+            "--batch-size", "2", "--device", "cpu", *extra, *map(str, inputs)]
+    return main(argv)
+
+
+def read_rows(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_folder_with_good_and_bad_files(repo, capsys):
+    code = run(repo, repo["scans"])
+    err = capsys.readouterr().err
+    assert code == 1
+    rows = read_rows(repo["root"] / "preds" / "predictions.csv")
+    assert list(rows[0]) == ["file", "score", "phi", "decision", "overlay"]
+    by_name = {r["file"].replace("\\", "/").rsplit("/", 1)[-1]: r for r in rows}
+    assert set(by_name) == {"gray1.jpeg", "gray2.jpg", "rgb.png"}
+    for name, row in by_name.items():
+        score, phi = float(row["score"]), float(row["phi"])
+        assert np.isfinite(score)
+        assert phi == pytest.approx(repo["phi"])
+        assert score == pytest.approx(repo["expected"][name], rel=1e-4)  # batching changes nothing
+        assert row["decision"] == ("disease" if score > phi else "normal")
+        overlay = repo["root"] / "preds" / row["overlay"]
+        with Image.open(overlay) as im:
+            assert im.format == "PNG" and im.size == (SIZE, SIZE) and im.mode == "RGB"
+    assert sorted(r["decision"] for r in rows) == ["disease", "disease", "normal"]
+    assert by_name["gray2.jpg"]["overlay"] == "overlays/scans/sub/gray2.jpg.png"
+    # the bad files are named, with their reason; the text file in the folder is mentioned
+    assert "truncated.jpeg: truncated image" in err
+    assert "fake.jpg: not an image" in err
+    assert "notes.txt" in err and "ignored" in err
+    assert "gray1.jpeg" not in err
+
+
+def test_explicit_good_files_exit_0_and_overlay_shows_the_map(repo, capsys):
+    code = run(repo, repo["scans"] / "rgb.png", repo["scans"] / "gray1.jpeg", out="preds_ok")
+    assert code == 0, capsys.readouterr().err
+    rows = read_rows(repo["root"] / "preds_ok" / "predictions.csv")
+    assert [r["file"].rsplit("/", 1)[-1] for r in rows] == ["rgb.png", "gray1.jpeg"]
+    assert [r["overlay"] for r in rows] == ["overlays/rgb.png.png", "overlays/gray1.jpeg.png"]
+    with Image.open(repo["root"] / "preds_ok" / rows[1]["overlay"]) as im:
+        pixels = np.asarray(im)
+    gray = load_gray(repo["scans"] / "gray1.jpeg", SIZE)
+    assert not (pixels == gray[..., None]).all()  # coloured, not the plain scan
+
+
+def test_missing_input_is_a_failure_but_others_are_scored(repo, capsys):
+    code = run(repo, repo["root"] / "nope.png", repo["scans"] / "gray1.jpeg", out="preds_missing")
+    assert code == 1
+    assert "nope.png: no such file or folder" in capsys.readouterr().err
+    assert len(read_rows(repo["root"] / "preds_missing" / "predictions.csv")) == 1
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("variant", "unknown variant 'sparse'"),
+    ("model", "dvc repro train@pix2pix_latent"),
+    ("calibration", "dvc repro calibrate@sparse_gan"),
+    ("params", "does not fit the architecture"),
+])
+def test_usage_errors_exit_2_with_one_line(repo, tmp_path, capsys, case, needle):
+    root = repo["root"]
+    argv = {"variant": dict(variant="sparse"), "model": dict(variant="pix2pix_latent")}.get(case, {})
+    if case in ("variant", "model"):
+        code = run(repo, repo["scans"], **argv)
+    else:
+        models, calib, params = root / "models", root / "reports" / "variants", root / "params.yaml"
+        if case == "calibration":
+            calib = tmp_path / "empty"
+        else:
+            params = tmp_path / "params.yaml"
+            params.write_text("model:\n  base_channels: 8\n")
+        code = main(["predict", "--variant", "sparse_gan", "--models", str(models),
+                     "--calibration", str(calib), "--params", str(params),
+                     "--out", str(tmp_path / "out"), str(repo["scans"])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+
+
+def test_argparse_errors_return_2(capsys):
+    assert main(["predict", "--variant", "sparse_gan"]) == 2  # no --out, no INPUT
+    assert main([]) == 2
+    assert "usage: sparsegan" in capsys.readouterr().err
+
+
+def test_module_entry_point_exit_status(repo):
+    proc = subprocess.run([sys.executable, "-m", "sparsegan.predict", "predict", "--variant",
+                           "nope", "--out", str(repo["root"] / "x"), "a.png"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown variant 'nope'" in proc.stderr
+
+
+def test_overlay_image_blends_colormap_over_gray():
+    gray = np.full((4, 4), 100, np.uint8)
+    heat = np.zeros((4, 4))
+    heat[0, 0] = 5.0  # normalised to 1 there, 0 elsewhere
+    out = overlay_image(gray, heat, alpha=0.5, cmap="jet")
+    import matplotlib
+    hot = np.array(matplotlib.colormaps["jet"](1.0)[:3])
+    cold = np.array(matplotlib.colormaps["jet"](0.0)[:3])
+    np.testing.assert_allclose(out[0, 0], np.rint((0.5 * 100 / 255 + 0.5 * hot) * 255), atol=1)
+    np.testing.assert_allclose(out[3, 3], np.rint((0.5 * 100 / 255 + 0.5 * cold) * 255), atol=1)
+    assert out.shape == (4, 4, 3) and out.dtype == np.uint8
+    assert (overlay_image(gray, heat, alpha=0.0) == 100).all()
+
+
+def test_variant_without_aam_uses_the_difference_map_and_16bit_input(repo, tmp_path, capsys):
+    root = repo["root"]
+    params = Params(model=ModelParams(base_channels=4))
+    torch.manual_seed(1)
+    detector = build_detector("autoencoder", params, SIZE).eval()
+    (tmp_path / "models" / "autoencoder").mkdir(parents=True)
+    torch.save({"variant": "autoencoder", "image_size": SIZE,
+                "config": config_hash("autoencoder", params, SIZE),
+                "model": detector.state_dict()}, tmp_path / "models" / "autoencoder" / "model.pt")
+    (tmp_path / "cal" / "autoencoder").mkdir(parents=True)
+    (tmp_path / "cal" / "autoencoder" / "calibration.json").write_text(json.dumps({"phi": 0.0}))
+    deep = (scan(80, 60, 7).astype(np.uint16) * 16)  # 12-bit data in a 16-bit PNG
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")
+    code = main(["predict", "--variant", "autoencoder", "--models", str(tmp_path / "models"),
+                 "--calibration", str(tmp_path / "cal"), "--params", str(root / "params.yaml"),
+                 "--out", str(tmp_path / "out"), "--device", "cpu", str(tmp_path / "deep.png")])
+    assert code == 0, capsys.readouterr().err
+    (row,) = read_rows(tmp_path / "out" / "predictions.csv")
+    gray = load_gray(tmp_path / "deep.png", SIZE)
+    # stretched from its own 0..4080 range: neither near black nor saturated
+    assert gray.max() > 200 and gray.min() < 60 and (gray == 255).mean() < 0.1
+    with torch.no_grad():
+        out = detector.score(to_float(gray[None, None]))
+    assert "aam" not in out.maps
+    assert float(row["score"]) == pytest.approx(float(out.score[0]), rel=1e-5)
+    assert row["decision"] == "disease"  # phi 0: any reconstruction error is above it
+    with Image.open(tmp_path / "out" / row["overlay"]) as im:
+        pixels = np.asarray(im)
+    expected = overlay_image(gray, out.maps["difference"][0, 0].numpy())
+    assert np.abs(pixels.astype(int) - expected).max() <= 1
+
+
+def test_params_other_than_training_give_a_warning_not_an_error(repo, tmp_path, capsys):
+    root = repo["root"]
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 0\nmodel:\n  base_channels: 4\ntrain:\n  epochs: 3\n")
+    code = main(["predict", "--variant", "sparse_gan", "--models", str(root / "models"),
+                 "--calibration", str(root / "reports" / "variants"), "--params", str(params),
+                 "--out", str(tmp_path / "out"), str(repo["scans"] / "gray1.jpeg")])
+    assert code == 0
+    assert "trained with params other than" in capsys.readouterr().err

@@ -1,0 +1,300 @@
+"""Patient-bootstrap intervals, paired comparisons (bootstrap and DeLong) and the evaluation's use
+of them, on small synthetic score sets."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from sparsegan import stats
+from sparsegan.evaluate import compare_to_reference, evaluate_variant
+from sparsegan.metrics import detection_metrics
+from sparsegan.stats import (METRICS, bootstrap_distribution, delong_test, paired_bootstrap,
+                             patient_bootstrap, patient_codes, resample_indices, weighted_metrics)
+
+
+def make_set(n_patients: int, scans: int = 4, seed: int = 0, shift: float = 1.2,
+             patient_sd: float = 0.5, round_to: int | None = 1):
+    """Labels per patient (about 60% diseased), scores = patient effect + scan noise + shift for
+    diseased; rounded so that there are ties. Patients are strings, scans shuffled."""
+    rng = np.random.default_rng(seed)
+    pat = np.repeat(np.arange(n_patients), scans)
+    lab = (rng.random(n_patients) < 0.6).astype(int)
+    lab[:2] = [0, 1]
+    effect = rng.normal(0, patient_sd, n_patients)
+    scores = effect[pat] + rng.normal(0, 1, len(pat)) + shift * lab[pat]
+    if round_to is not None:
+        scores = np.round(scores, round_to)
+    perm = rng.permutation(len(pat))
+    return lab[pat][perm], scores[perm], np.array([f"P{p:04d}" for p in pat[perm]])
+
+
+# ------------------------------------------------------------------------- weighted metrics
+
+def test_point_estimates_equal_detection_metrics_and_sklearn():
+    labels, scores, _ = make_set(30)
+    phi = float(np.median(scores))
+    point = {k: v[0] for k, v in weighted_metrics(labels, scores, np.ones((1, len(labels))),
+                                                  phi).items()}
+    assert point == pytest.approx(detection_metrics(labels, scores, phi))
+    assert point["auc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert point["average_precision"] == pytest.approx(average_precision_score(labels, scores))
+
+
+def test_each_resample_equals_sklearn_on_its_explicit_scan_set():
+    labels, scores, patients = make_set(25, seed=1)
+    phi = 0.4
+    dist = bootstrap_distribution(labels, scores, patients, phi, n_boot=20, seed=7)
+    for b, idx in enumerate(resample_indices(patients, n_boot=20, seed=7)):
+        y, s = labels[idx], scores[idx]
+        if y.min() == y.max():
+            assert np.isnan(dist["auc"][b])
+            continue
+        expected = detection_metrics(y, s, phi)
+        got = {k: dist[k][b] for k in METRICS}
+        assert got == pytest.approx(expected)
+
+
+# ------------------------------------------------------------------------- patient resampling
+
+def test_every_resample_is_a_union_of_whole_patients():
+    labels, scores, patients = make_set(12, scans=3, seed=2)
+    patients = patients.copy()
+    patients[patients == "P0005"] = "P0004"  # one patient with 6 scans: sizes differ
+    codes, n_patients = patient_codes(patients)
+    sizes = np.bincount(codes)
+    for idx in resample_indices(patients, n_boot=50, seed=0):
+        per_scan = np.bincount(idx, minlength=len(codes))  # times each scan was drawn
+        draws = 0
+        for p in range(n_patients):
+            mine = per_scan[codes == p]
+            assert (mine == mine[0]).all()  # all of a patient's scans, or none, equally often
+            draws += mine[0]
+        assert draws == n_patients  # P patients drawn with replacement
+        assert len(idx) == (per_scan[np.unique(codes, return_index=True)[1]] * sizes).sum()
+
+
+def test_bootstrap_draws_patients_through_the_hook(monkeypatch):
+    labels, scores, patients = make_set(20, scans=5, seed=3)
+    calls = []
+    real = stats.draw_patients
+
+    def spy(n_patients, n_boot, rng):
+        draws = real(n_patients, n_boot, rng)
+        calls.append(draws)
+        return draws
+
+    monkeypatch.setattr(stats, "draw_patients", spy)
+    patient_bootstrap(labels, scores, patients, phi=0.5, n_boot=30, seed=0)
+    assert len(calls) == 1 and calls[0].shape == (30, 20)  # 20 patients drawn, not 100 scans
+    # the weights derived from the draws are per patient: equal within a patient
+    codes, _ = patient_codes(patients)
+    weights = stats.draw_counts(calls[0], 20)[:, codes]
+    for p in range(20):
+        assert (weights[:, codes == p] == weights[:, codes == p][:, :1]).all()
+
+
+def test_patient_intervals_are_wider_than_scan_intervals_for_clustered_scans():
+    # scans of a patient nearly identical: the effective sample is the patients
+    labels, scores, patients = make_set(40, scans=8, seed=4, patient_sd=2.0, shift=1.5,
+                                        round_to=None)
+    by_patient = patient_bootstrap(labels, scores, patients, 1.0, n_boot=500, seed=0)
+    by_scan = patient_bootstrap(labels, scores, np.arange(len(labels)), 1.0, n_boot=500, seed=0)
+    width = lambda r: r["auc"][1] - r["auc"][0]  # noqa: E731
+    assert width(by_patient) > 1.5 * width(by_scan)
+
+
+def test_missing_patient_ids_are_patients_of_their_own():
+    codes, n = patient_codes(["a", "", "a", "nan", None, "b"])
+    assert n == 5
+    assert codes[0] == codes[2] and len({codes[1], codes[3], codes[4]}) == 3
+
+
+# ------------------------------------------------------------------------- intervals
+
+def test_intervals_contain_the_point_estimate_and_shrink_with_more_patients():
+    small = make_set(40, seed=5)
+    large = make_set(160, seed=5)
+    widths = []
+    for labels, scores, patients in (small, large):
+        phi = float(np.quantile(scores, 0.4))
+        r = patient_bootstrap(labels, scores, patients, phi, n_boot=1000, seed=0)
+        assert set(r) == set(METRICS) and r.n_boot == 1000
+        point = detection_metrics(labels, scores, phi)
+        assert r.point == pytest.approx(point)
+        for k in METRICS:
+            lo, hi = r[k]
+            assert lo <= point[k] <= hi, k
+            assert 0 <= lo < hi <= 1, k
+        widths.append({k: r[k][1] - r[k][0] for k in METRICS})
+    # 4x the patients -> about half the width (1/sqrt(4); 0.53 on average over 20 data seeds,
+    # at most 0.64); require clearly narrower
+    assert widths[1]["auc"] < 0.75 * widths[0]["auc"]
+    for k in METRICS:
+        assert widths[1][k] < widths[0][k], k
+
+
+def test_same_seed_same_intervals_other_seed_differs():
+    labels, scores, patients = make_set(30, seed=6)
+    a = patient_bootstrap(labels, scores, patients, 0.5, n_boot=200, seed=1)
+    b = patient_bootstrap(labels, scores, patients, 0.5, n_boot=200, seed=1)
+    c = patient_bootstrap(labels, scores, patients, 0.5, n_boot=200, seed=2)
+    assert dict(a) == dict(b) and dict(a) != dict(c)
+
+
+def test_single_class_resamples_are_skipped_and_counted():
+    # 3 patients, one diseased: (2/3)^3 of the resamples miss it, 1/27 hold only it
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.3, 0.2, 0.4, 0.9, 0.35])
+    patients = np.array(["a", "a", "b", "b", "c", "c"])
+    r = patient_bootstrap(labels, scores, patients, phi=0.32, n_boot=300, seed=0)
+    expected = sum(labels[idx].min() == labels[idx].max()
+                   for idx in resample_indices(patients, n_boot=300, seed=0))
+    assert r.n_skipped == expected
+    assert 0.2 * 300 < r.n_skipped < 0.45 * 300  # about 1/3 expected
+    assert np.isfinite(r["auc"]).all()
+
+
+def test_1000_resamples_of_400_scans_take_well_under_a_second():
+    labels, scores, patients = make_set(100, scans=4, seed=7)
+    patient_bootstrap(labels, scores, patients, 0.5, n_boot=50)  # warm-up
+    tic = time.perf_counter()
+    patient_bootstrap(labels, scores, patients, 0.5, n_boot=1000, seed=0)
+    paired_bootstrap(labels, scores, scores[::-1], patients, n_boot=1000, seed=0)
+    assert time.perf_counter() - tic < 2.0
+
+
+# ------------------------------------------------------------------------- paired tests
+
+def test_paired_bootstrap_identical_scores_gives_zero_delta_and_p_one():
+    labels, scores, patients = make_set(40, seed=8)
+    r = paired_bootstrap(labels, scores, scores.copy(), patients, n_boot=500, seed=0)
+    assert r["delta_auc"] == 0.0 and r["ci"] == (0.0, 0.0) and r["p_value"] == 1.0
+
+
+def test_paired_bootstrap_clearly_better_variant_excludes_zero():
+    labels, scores, patients = make_set(60, seed=9, shift=2.5, round_to=None)
+    rng = np.random.default_rng(0)
+    worse = scores + rng.normal(0, 3, len(scores))  # the same signal drowned in noise
+    r = paired_bootstrap(labels, scores, worse, patients, n_boot=1000, seed=0)
+    assert r["delta_auc"] == pytest.approx(roc_auc_score(labels, scores)
+                                           - roc_auc_score(labels, worse))
+    assert r["delta_auc"] > 0.1
+    assert 0 < r["ci"][0] <= r["delta_auc"] <= r["ci"][1]
+    assert r["p_value"] < 0.01
+    flipped = paired_bootstrap(labels, worse, scores, patients, n_boot=1000, seed=0)
+    assert flipped["delta_auc"] == pytest.approx(-r["delta_auc"])
+    assert flipped["ci"][1] < 0 and flipped["p_value"] == r["p_value"]
+
+
+def _delong_bruteforce(labels, a, b):
+    """DeLong et al. 1988 straight from the definition: psi(x, y) = 1, 1/2, 0."""
+    comps10, comps01, aucs = [], [], []
+    for s in (a, b):
+        x, y = s[labels == 1], s[labels == 0]
+        psi = (x[:, None] > y[None, :]) + 0.5 * (x[:, None] == y[None, :])
+        aucs.append(psi.mean())
+        comps10.append(psi.mean(1))
+        comps01.append(psi.mean(0))
+    m, n = (labels == 1).sum(), (labels == 0).sum()
+    cov = np.cov(comps10) / m + np.cov(comps01) / n
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    return aucs[0] - aucs[1], var
+
+
+def test_delong_matches_its_definition():
+    labels, scores, _ = make_set(30, seed=10)  # rounded: ties included
+    other = np.round(scores + np.random.default_rng(1).normal(0, 1, len(scores)), 1)
+    r = delong_test(labels, scores, other)
+    delta, var = _delong_bruteforce(labels, scores, other)
+    assert r["delta_auc"] == pytest.approx(delta)
+    assert r["z"] == pytest.approx(delta / np.sqrt(var))
+    from scipy.stats import norm
+    assert r["p_value"] == pytest.approx(2 * norm.sf(abs(delta / np.sqrt(var))))
+    assert r["ci"][1] - r["ci"][0] == pytest.approx(2 * 1.959964 * np.sqrt(var), rel=1e-5)
+    same = delong_test(labels, scores, scores)
+    assert same["delta_auc"] == 0 and same["p_value"] == 1.0
+
+
+# ------------------------------------------------------------------------- evaluation
+
+def write_scores(root, variant, labels, scores, patients, classes, phi=0.5):
+    d = root / "scores" / variant
+    d.mkdir(parents=True)
+    frame = pd.DataFrame({"path": [f"data/raw/{i}.jpeg" for i in range(len(labels))],
+                          "label": labels, "class": classes, "patient": patients,
+                          "mask": "", "score": scores})
+    frame.to_csv(d / "test.csv", index=False)
+    frame.to_csv(d / "val.csv", index=False)
+    (d / "timing.json").write_text(json.dumps({"val_images_per_s": 10.0,
+                                               "test_images_per_s": 20.0}))
+    rep = root / "reports" / variant
+    rep.mkdir(parents=True)
+    (rep / "calibration.json").write_text(json.dumps(
+        {"phi": phi, "criterion": "accuracy", "validation": {"auc": 0.8}}))
+    return d, rep
+
+
+def _classes(labels, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.where(labels == 1, rng.choice(["CNV", "DME", "DRUSEN"], len(labels)), "NORMAL")
+
+
+def test_evaluate_variant_per_class_auc_ap_and_intervals(tmp_path):
+    labels, scores, patients = make_set(50, seed=11)
+    classes = _classes(labels)
+    scores = scores + (classes == "CNV") * 1.0  # CNV easier than the others
+    scores_dir, report_dir = write_scores(tmp_path, "sparse_gan", labels, scores, patients,
+                                          classes, phi=0.6)
+    m = evaluate_variant("sparse_gan", scores_dir, report_dir, None, seed=0, n_boot=300)
+    assert json.loads((report_dir / "metrics.json").read_text()) == pytest.approx(m)
+    for cls in ("CNV", "DME", "DRUSEN"):
+        subset = np.isin(classes, ["NORMAL", cls])
+        assert m[f"test_auc_{cls}"] == pytest.approx(roc_auc_score(labels[subset], scores[subset]))
+    assert m["test_auc_CNV"] > m["test_auc_DME"]
+    assert m["test_average_precision"] == pytest.approx(average_precision_score(labels, scores))
+    assert m["test_auc"] == pytest.approx(roc_auc_score(labels, scores))
+    r = patient_bootstrap(labels, scores, patients, 0.6, n_boot=300, seed=0)
+    for k in METRICS:
+        assert (m[f"test_{k}_ci_low"], m[f"test_{k}_ci_high"]) == pytest.approx(r[k])
+        assert m[f"test_{k}_ci_low"] <= m[f"test_{k}"] <= m[f"test_{k}_ci_high"]
+    assert m["test_bootstrap_resamples"] == 300 and m["test_bootstrap_skipped"] == 0
+    assert m["test_patients"] == 50
+    assert m["phi"] == 0.6 and m["val_auc"] == 0.8 and m["test_images_per_s"] == 20.0
+    assert all(isinstance(v, (int, float)) for k, v in m.items() if k != "criterion")
+    roc = pd.read_csv(report_dir / "roc.csv")
+    assert set(roc.columns) >= {"fpr", "tpr", "threshold", "variant"}
+
+
+def test_compare_to_reference_pairs_every_variant(tmp_path):
+    labels, scores, patients = make_set(60, seed=12, shift=2.5, round_to=None)
+    classes = _classes(labels)
+    noisy = scores + np.random.default_rng(0).normal(0, 3, len(scores))
+    write_scores(tmp_path, "sparse_gan", labels, scores, patients, classes)
+    write_scores(tmp_path, "autoencoder", labels, noisy, patients, classes)
+    write_scores(tmp_path, "pix2pix_latent", labels, scores, patients, classes)
+    root = tmp_path / "scores"
+    out = compare_to_reference(["autoencoder", "pix2pix_latent", "sparse_gan"], root,
+                               n_boot=500, seed=0)
+    assert set(out) == {"autoencoder", "pix2pix_latent"}
+    ae = out["autoencoder"]
+    boot = paired_bootstrap(labels, scores, noisy, patients, n_boot=500, seed=0)
+    assert ae["delta_auc"] == pytest.approx(boot["delta_auc"])
+    assert (ae["delta_auc_ci_low"], ae["delta_auc_ci_high"]) == pytest.approx(boot["ci"])
+    assert ae["delta_auc_ci_low"] > 0 and ae["p_value"] < 0.01 and ae["p_value_delong"] < 0.01
+    assert ae["auc_reference"] == pytest.approx(roc_auc_score(labels, scores))
+    same = out["pix2pix_latent"]
+    assert same["delta_auc"] == 0 and same["p_value"] == 1.0 and same["p_value_delong"] == 1.0
+    assert all(isinstance(v, (int, float)) for v in ae.values())
+    assert compare_to_reference(["autoencoder"], root) == {}
+
+    # rows in another order: refused
+    shuffled = pd.read_csv(root / "autoencoder" / "test.csv").iloc[::-1]
+    shuffled.to_csv(root / "autoencoder" / "test.csv", index=False)
+    with pytest.raises(ValueError, match="same test scans"):
+        compare_to_reference(["sparse_gan", "autoencoder"], root, n_boot=10)
