@@ -22,4 +22,5 @@ pipeline: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: setup
+	@bash .ci/install_chromium.sh || echo "warning: no Chromium; the report's browser test will be skipped (CI installs it)"
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q

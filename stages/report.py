@@ -1,15 +1,16 @@
-"""Stage report: every variant in reports/metrics.json, the ROC overlay and Table 1."""
+"""Stage report: all variants in reports/metrics.json, Table 1, figures, galleries, index.html."""
 
 import sys
 from pathlib import Path
 
 from sparsegan.cli import run_stage
-from sparsegan.evaluate import summarize
 from sparsegan.params import load_params
+from sparsegan.report import build_report
 
 
 def main() -> None:
-    summarize(list(load_params().variants), Path("reports/variants"), Path("reports"))
+    build_report(load_params(), Path("data/processed"), Path("scores"), Path("models"),
+                 Path("reports/variants"), Path("reports"))
 
 
 if __name__ == "__main__":

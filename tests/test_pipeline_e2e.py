@@ -75,6 +75,11 @@ def test_repro_writes_metrics_for_every_variant(pipeline: Path):
         assert 0.0 <= metrics[variant]["pixel_auroc_aam"] <= 1.0
     table = (pipeline / "reports/table1.md").read_text()
     assert "Sparse-GAN" in table and "0.925" in table  # the paper's number beside ours
+    for variant in VARIANTS:
+        if variant != "sparse_gan":
+            assert 0.0 <= metrics[variant]["vs_sparse_gan_p_value"] <= 1.0
+    html = (pipeline / "reports/index.html").read_text()
+    assert html.count('data-variant="') >= len(VARIANTS) and "https://" not in html
 
 
 def test_mlflow_runs_hold_the_same_numbers(pipeline: Path):
@@ -84,7 +89,10 @@ def test_mlflow_runs_hold_the_same_numbers(pipeline: Path):
     exp = client.get_experiment_by_name("sparse-gan-oct")
     runs = client.search_runs([exp.experiment_id])
     by_variant = {r.data.tags["variant"]: r for r in runs}
-    assert sorted(by_variant) == sorted(VARIANTS)
+    assert sorted(by_variant) == sorted(VARIANTS + ["report"])
+    report = by_variant.pop("report")
+    artifacts = {a.path for a in client.list_artifacts(report.info.run_id)}
+    assert {"index.html", "table1.md", "metrics.json"} <= artifacts
     metrics = json.loads((pipeline / "reports/metrics.json").read_text())
     for variant, run in by_variant.items():
         assert run.data.metrics["test_auc"] == pytest.approx(metrics[variant]["test_auc"])
