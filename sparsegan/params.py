@@ -8,6 +8,7 @@ names the key and what is allowed, e.g. ``params.yaml: train.lambda_sp = -1: mus
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -61,6 +62,14 @@ class SyntheticParams:
     test_per_class: int = _check(ge=1, default=100)
     scans_per_patient: int = _check(ge=1, default=6)
     workers: int = _check(ge=0, default=0)  # 0: all cores
+    # difficulty: each lesion's severity (size and contrast) is drawn uniformly in this range
+    severity_min: float = _check(ge=0.0, le=1.0, default=0.05)
+    severity_max: float = _check(ge=0.0, le=1.0, default=1.0)
+
+    def __post_init__(self) -> None:
+        if self.severity_min > self.severity_max:
+            raise ParamError(f"params.yaml: data.synthetic.severity_min = {self.severity_min} is "
+                             f"above severity_max = {self.severity_max}")
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,26 @@ class DataParams:
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     oct2017: Oct2017Params = field(default_factory=Oct2017Params)
     split: SplitParams = field(default_factory=SplitParams)
+
+    def __post_init__(self) -> None:
+        if encoder_blocks(self.image_size) is None:
+            ok = [s for s in range(16, 4 * self.image_size + 64) if encoder_blocks(s)]
+            below = [s for s in ok if s < self.image_size][-1:]
+            above = [s for s in ok if s > self.image_size][:1]
+            raise ParamError(f"params.yaml: data.image_size = {self.image_size}: the encoder's "
+                             f"stride-2 blocks need a size divisible by 2**n, n = "
+                             f"floor(log2(size / 7)); nearest allowed: "
+                             f"{' or '.join(map(str, below + above))} (e.g. 32, 64, 128, 224)")
+
+
+def encoder_blocks(image_size: int) -> int | None:
+    """The encoder depth rule of ``sparsegan.models.networks.num_blocks`` (kept free of torch so
+    that params load fast): the number of stride-2 blocks, or None when ``image_size`` is invalid.
+    ``tests/reliability`` checks that both agree."""
+    if image_size < 1:
+        return None
+    n = int(math.floor(math.log2(image_size / 7)))
+    return n if n >= 1 and image_size % (2**n) == 0 else None
 
 
 @dataclass(frozen=True)
@@ -138,9 +167,10 @@ class AnoganParams:
     lr: float = _check(gt=0.0, default=0.0002)
     search_steps: int = _check(ge=1, default=50)
     search_lr: float = _check(gt=0.0, default=0.05)
-    # z_1 of the search: "zeros" (the prior's mode; an image's score does not depend on its batch)
-    # or "random" (N(0, I) from a generator seeded with 0 at every score() call, as the paper draws it)
-    search_init: str = _check(choices=("zeros", "random"), default="zeros")
+    # z_1 of the search, the same for every image so that a score depends neither on the call nor
+    # on the batch: "sample" (one draw of N(0, I) from a generator seeded with 0, a typical z as the
+    # paper's random start) or "zeros" (the prior's mean)
+    search_init: str = _check(choices=("sample", "zeros"), default="sample")
     weight: float = _check(ge=0.0, le=1.0, default=0.1)  # l: (1-l) residual + l discrimination
 
 
@@ -192,6 +222,13 @@ class Params:
         if self.data.source == "folder" and not self.data.folder:
             raise ParamError("params.yaml: data.folder is empty: set it to your OCT2017 copy "
                              "when data.source is 'folder'")
+
+
+def check_variant(variant: str) -> str:
+    """``variant`` (a stage's argument) if it is one of :data:`VARIANTS`, else ParamError."""
+    if variant not in VARIANTS:
+        raise ParamError(f"unknown variant {variant!r}: allowed {', '.join(VARIANTS)}")
+    return variant
 
 
 def _parse(cls: type, raw: Any, prefix: str) -> Any:
@@ -266,5 +303,5 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ParamError(f"{path}: not valid YAML: {exc}") from None
+        raise ParamError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     return parse_params(raw)

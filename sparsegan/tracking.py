@@ -3,17 +3,31 @@
 ``dvc exp run --temp/--queue`` runs stages in ``.dvc/tmp/exps/...``; a relative
 ``sqlite:///mlflow.db`` would be created there and lost, so the default store is resolved to the
 main repository (git's common dir knows it). ``MLFLOW_TRACKING_URI`` overrides everything.
+
+:func:`check_tracking` tells within seconds whether the store can be reached (an http(s) server
+answers ``/health``, a sqlite file's folder exists), so that a wrong ``MLFLOW_TRACKING_URI`` stops a
+training run before it starts rather than after hours; the message says how to fall back to the
+local store (unset ``MLFLOW_TRACKING_URI``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import os
 import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 EXPERIMENT = "sparse-gan-oct"
+CHECK_TIMEOUT_S = 5.0
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be reached; the message says how to fall back."""
 
 
 def _git(*args: str) -> str:
@@ -42,6 +56,42 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{main_repo_root() / 'mlflow.db'}"
 
 
+def _local_store() -> str:
+    return f"sqlite:///{main_repo_root() / 'mlflow.db'}"
+
+
+def check_tracking(uri: str | None = None, timeout: float = CHECK_TIMEOUT_S) -> str:
+    """Return the tracking URI if its store can be reached, else raise :class:`TrackingError`.
+
+    http(s): one GET of ``<uri>/health`` with ``timeout`` seconds (any HTTP answer, even an error
+    status, means a server is there; MLflow itself would retry a dead server for minutes).
+    sqlite: the database file's folder must exist. Other schemes are left to MLflow."""
+    uri = uri or tracking_uri()
+    from_env = bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    where = "MLFLOW_TRACKING_URI=" + uri if from_env else "the tracking store " + uri
+    fallback = (f"or unset MLFLOW_TRACKING_URI to log to the local store {_local_store()}"
+                if from_env else "or set MLFLOW_TRACKING_URI to a reachable store")
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):  # noqa: S310
+                pass
+        except urllib.error.HTTPError:
+            pass  # a server answered
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise TrackingError(f"{where} is not reachable ({reason}); nothing was trained. Start "
+                                f"the MLflow server or fix the URI, {fallback}") from None
+    elif scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if path and path != ":memory:":
+            folder = Path(path).expanduser().parent
+            if not folder.is_dir():
+                raise TrackingError(f"{where}: the folder {folder} does not exist; nothing was "
+                                    f"trained. Create it or fix the URI, {fallback}")
+    return uri
+
+
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Nested params dataclass -> {"train.lambda_sp": 50.0, ...}."""
     if dataclasses.is_dataclass(obj):
@@ -59,7 +109,7 @@ def start_run(variant: str, run_id: str | None = None):
     variant, the git commit and the DVC experiment name."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(check_tracking())
     if run_id:
         try:
             return mlflow.start_run(run_id=run_id)

@@ -2,9 +2,33 @@
 
 The loop is the same for every variant: epochs follow ``detector.phases()``, each epoch is one
 pass over the shuffled normal training scans in batches of ``train.batch_size``, and
-``detector.train_step`` does the variant's updates. Checkpoints are written atomically after every
-epoch to ``checkpoints/<variant>/`` (outside DVC's outputs, which DVC deletes before a re-run), so
-an interrupted run resumes where it stopped; the finished model goes to ``models/<variant>/``.
+``detector.train_step`` does the variant's updates. The finished model goes to
+``models/<variant>/``.
+
+Reliability (tests/reliability proves each point):
+
+* **Checkpoints**: ``checkpoints/<variant>/checkpoint.pt`` holds the models (incl. buffers such as
+  f-AnoGAN's critic step counter), every optimizer (and scheduler, if a variant has any), the RNG
+  states (torch CPU/CUDA, the shuffle generator, numpy, random), the epoch, the loss history, the
+  config hash and the MLflow run id. It is written before the first epoch and after every epoch,
+  atomically (write ``.tmp``, fsync, rename), so a run killed at any point, SIGKILL included,
+  resumes after the last finished epoch when re-run; on CPU the result is bit for bit that of an
+  uninterrupted run. ``checkpoints/`` is outside DVC's outputs (DVC deletes ``models/<variant>``
+  before re-running a stage), so ``dvc repro`` resumes too. It is deleted once ``model.pt`` is saved.
+* **Other params or data**: a checkpoint whose config hash (variant, image size, seed, model, srn,
+  train, anogan, fanogan params) or training-data fingerprint (:func:`data_fingerprint`) differs
+  from the current ones is never resumed and never deleted: it is renamed to
+  ``checkpoint.config-<hash>.pt`` (or ``checkpoint.data-<hash>.pt``) with a message on stderr,
+  and training starts afresh.
+* **Divergence**: a NaN/Inf loss raises :class:`FloatingPointError` naming the variant, epoch and
+  step, before anything is saved: the last good checkpoint stays as it was.
+* **Files from outside**: checkpoints and models are read with ``torch.load(weights_only=True)``;
+  a file whose pickle holds anything but tensors and plain data (which could run code) or that
+  is not a readable checkpoint raises :class:`CheckpointError` naming the file, and is not used.
+* **MLflow**: the store is checked (:func:`~sparsegan.tracking.check_tracking`) before any work.
+  A resumed run logs into the MLflow run of the checkpoint; metrics are logged after the
+  checkpoint is saved and missing epochs are filled in from the checkpoint's history on resume,
+  so every epoch is logged exactly once.
 """
 
 from __future__ import annotations
@@ -13,16 +37,28 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
+import random
+import re
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from .cli import StageError
 from .data.dataset import iterate_batches, load_split
 from .models import Detector, build_detector
-from .params import Params
-from .tracking import flatten, start_run
+from .params import Params, check_variant
+from .tracking import check_tracking, flatten, start_run
+
+CHECKPOINT_KEYS = ("config", "epoch", "history", "mlflow_run_id", "model", "optimizers", "rng")
+
+
+class CheckpointError(StageError):
+    """A checkpoint or model file cannot be used (unsafe pickle, corrupt, or not ours)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,28 +85,157 @@ def config_hash(variant: str, params: Params, image_size: int) -> str:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
+    """Write ``obj`` to ``path`` so that a crash at any point leaves either the old or the new
+    file, never a partial one: write ``<path>.tmp``, flush it to disk, rename over ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
-def _state(detector: Detector, epoch: int, history: list, config: str, run_id: str | None,
-           generator: torch.Generator) -> dict:
+def load_trusted(path: Path, what: str, keys: tuple[str, ...],
+                 map_location: Any = "cpu") -> dict:
+    """``torch.load(path, weights_only=True)``: tensors and plain data only, so a crafted pickle
+    cannot run code. Anything unsafe, unreadable or without ``keys`` raises CheckpointError."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        detail = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path}: refused to load this {what}: it holds pickled objects other than tensors "
+            f"and plain data{detail}, which could run code, so it was not made by this pipeline "
+            f"(or by an incompatible version). Nothing was loaded; move it away (or delete it) "
+            f"and re-run.") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable {what} (corrupt or truncated: "
+                              f"{' '.join(str(exc).split())[:120]}); move it away (or delete "
+                              f"it) and re-run.") from None
+    if not isinstance(state, dict) or not set(keys) <= set(state):
+        raise CheckpointError(f"{path}: not a {what} of this pipeline (expected the keys "
+                              f"{', '.join(keys)}); move it away (or delete it) and re-run.")
+    return state
+
+
+def _schedulers(detector: Detector) -> dict:
+    """LR schedulers of a variant that has any (``detector.schedulers()``); none today."""
+    get = getattr(detector, "schedulers", None)
+    return get() if callable(get) else {}
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    np_state = np.random.get_state(legacy=False)
+    state = {"torch": torch.get_rng_state(), "shuffle": generator.get_state(),
+             "python": random.getstate(),
+             "numpy": {**np_state, "state": {"key": np_state["state"]["key"].tolist(),
+                                             "pos": int(np_state["state"]["pos"])}}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["shuffle"])
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        np_state = dict(state["numpy"])
+        np_state["state"] = {"key": np.asarray(np_state["state"]["key"], dtype=np.uint32),
+                             "pos": np_state["state"]["pos"]}
+        np.random.set_state(np_state)
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _state(detector: Detector, epoch: int, history: list, config: str, data: str,
+           run_id: str | None, generator: torch.Generator, device: torch.device) -> dict:
     return {
         "config": config,
+        "data": data,
         "epoch": epoch,
         "history": history,
         "mlflow_run_id": run_id,
         "model": detector.state_dict(),
         "optimizers": {k: o.state_dict() for k, o in detector.optimizers().items()},
-        "rng": {"torch": torch.get_rng_state(), "shuffle": generator.get_state()},
+        "schedulers": {k: s.state_dict() for k, s in _schedulers(detector).items()},
+        "rng": _rng_state(generator, device),
     }
+
+
+def _move_aside(path: Path, tag: str) -> Path:
+    """Rename ``path`` to ``<stem>.<tag>.pt`` (``-1``, ``-2``... if taken); never deletes."""
+    for k in range(1000):
+        dest = path.with_name(f"{path.stem}.{tag}{f'-{k}' if k else ''}{path.suffix}")
+        if not dest.exists():
+            os.replace(path, dest)
+            return dest
+    raise CheckpointError(f"{path}: too many set-aside checkpoints next to it; clean up "
+                          f"{path.parent}")
+
+
+def data_fingerprint(images: np.ndarray, processed_dir: Path) -> str:
+    """Identifies the training data of a checkpoint: ``train.csv``, the array's shape and 64
+    evenly spaced images (a few MB at most, so it is cheap on 50,000 scans)."""
+    h = hashlib.sha256((Path(processed_dir) / "train.csv").read_bytes())
+    h.update(repr((images.shape, str(images.dtype))).encode())
+    rows = np.unique(np.linspace(0, len(images) - 1, num=min(len(images), 64)).astype(np.int64))
+    h.update(np.ascontiguousarray(images[rows]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _resume_state(checkpoint: Path, config: str, data: str, variant: str) -> dict | None:
+    """The checkpoint to resume from, or None (none yet, or set aside: made with other params
+    or other training data). Read on the CPU (RNG states must stay CPU tensors)."""
+    if not checkpoint.exists():
+        return None
+    state = load_trusted(checkpoint, "training checkpoint", CHECKPOINT_KEYS)
+    if state["config"] != config or state.get("data") != data:
+        what, tag = (("other params", f"config-{state['config']}") if state["config"] != config
+                     else ("other training data", f"data-{state.get('data')}"))
+        dest = _move_aside(checkpoint, tag)
+        print(f"[train {variant}] {checkpoint} was made with {what}: not resuming it; moved it "
+              f"to {dest} (nothing deleted) and training from scratch", file=sys.stderr)
+        return None
+    return state
+
+
+def _row_metrics(row: dict) -> dict[str, float]:
+    return {k: v for k, v in row.items() if k.startswith("loss_") or k == "images_per_s"}
+
+
+def _log_missing_epochs(run_id: str, history: list[dict]) -> None:
+    """Log the epochs of ``history`` that the MLflow run lacks (a run killed between saving its
+    checkpoint and logging that epoch), so that every epoch is logged exactly once."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client, logged = MlflowClient(), {}
+    for row in history:
+        metrics = _row_metrics(row)
+        key = sorted(metrics)[0]
+        if key not in logged:
+            logged[key] = {m.step for m in client.get_metric_history(run_id, key)}
+        if row["epoch"] not in logged[key]:
+            mlflow.log_metrics(metrics, step=row["epoch"])
 
 
 def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: Path,
                   checkpoint_dir: Path, log_mlflow: bool = True) -> list[dict]:
-    """Train ``variant`` on ``processed_dir/train.npy`` and write ``model_dir/model.pt``.
-    Returns the per-epoch mean losses."""
+    """Train ``variant`` on ``processed_dir/train.npy`` and write ``model_dir/model.pt``, resuming
+    from ``checkpoint_dir/checkpoint.pt`` when it exists. Returns the per-epoch mean losses."""
+    check_variant(variant)
+    if log_mlflow:
+        check_tracking()  # an unreachable store is reported now, not after hours of training
     t = params.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
@@ -84,32 +249,38 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
         torch.backends.cudnn.benchmark = True
     generator = torch.Generator().manual_seed(params.seed)
     config = config_hash(variant, params, image_size)
+    data = data_fingerprint(images, processed_dir)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoint_dir / "checkpoint.pt"
     start_epoch, history, run_id = 0, [], None
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state["config"] == config:
-            detector.load_state_dict(state["model"])
-            for name, opt in detector.optimizers().items():
-                opt.load_state_dict(state["optimizers"][name])
-            torch.set_rng_state(state["rng"]["torch"])
-            generator.set_state(state["rng"]["shuffle"])
-            start_epoch, history, run_id = state["epoch"], state["history"], state["mlflow_run_id"]
-            print(f"[train {variant}] resuming after epoch {start_epoch} from {checkpoint}")
+    state = _resume_state(checkpoint, config, data, variant)
+    if state is not None:
+        detector.load_state_dict(state["model"])
+        for name, opt in detector.optimizers().items():
+            opt.load_state_dict(state["optimizers"][name])
+        for name, sched in _schedulers(detector).items():
+            sched.load_state_dict(state["schedulers"][name])
+        _set_rng_state(state["rng"], generator, device)
+        start_epoch, history, run_id = state["epoch"], state["history"], state["mlflow_run_id"]
+        print(f"[train {variant}] resuming after epoch {start_epoch} from {checkpoint}")
+        del state
 
     run = start_run(variant, run_id) if log_mlflow else contextlib.nullcontext()
     with run as active:
         if log_mlflow:
             import mlflow
-            run_id = active.info.run_id
-            if start_epoch == 0:
+            if active.info.run_id != run_id:  # a new run (or the old one is not in this store)
+                run_id = active.info.run_id
                 mlflow.log_params({k: v for k, v in flatten(params).items()
                                    if not k.startswith("variants.")})
                 mlflow.log_params({"variant": variant, "device": str(device),
                                    "n_train": len(images)})
+            _log_missing_epochs(run_id, history)
         phases = detector.phases()
+        if start_epoch == 0:  # the starting point, with the run id: a kill in epoch 1 resumes too
+            _save_atomic(_state(detector, 0, history, config, data, run_id, generator, device),
+                         checkpoint)
         for epoch in range(start_epoch, len(phases)):
             detector.train()
             sums: dict[str, float] = {}
@@ -123,9 +294,11 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
                 bad = [k for k, v in losses.items() if not np.isfinite(v)]
                 if bad:
                     raise FloatingPointError(
-                        f"[train {variant}] loss {bad[0]} is {losses[bad[0]]} at epoch {epoch + 1}, "
-                        f"step {n_batches + 1}; the last good checkpoint is {checkpoint}. Lower "
-                        f"train.lr or the lambdas and re-run.")
+                        f"[train {variant}] training diverged: loss {bad[0]} is {losses[bad[0]]} "
+                        f"at epoch {epoch + 1}, step {n_batches + 1}; the last good checkpoint "
+                        f"({checkpoint}, after epoch {epoch}) is kept. Lower train.lr or the "
+                        f"lambdas and re-run (a checkpoint of other params is set aside, not "
+                        f"resumed).")
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_batches += 1
@@ -136,9 +309,11 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
             history.append(row)
             print(f"[train {variant}] epoch {epoch + 1}/{len(phases)} ({phases[epoch]}) "
                   + " ".join(f"{k}={v:.4f}" for k, v in means.items()) + f" {seconds:.1f}s")
+            # checkpoint first, then MLflow: a kill in between is caught up on resume
+            _save_atomic(_state(detector, epoch + 1, history, config, data, run_id, generator,
+                                device), checkpoint)
             if log_mlflow:
-                mlflow.log_metrics({**means, "images_per_s": row["images_per_s"]}, step=epoch + 1)
-            _save_atomic(_state(detector, epoch + 1, history, config, run_id, generator), checkpoint)
+                mlflow.log_metrics(_row_metrics(row), step=epoch + 1)
 
     model_dir.mkdir(parents=True, exist_ok=True)
     _save_atomic({"variant": variant, "image_size": image_size, "config": config,
@@ -151,11 +326,18 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
 
 def load_detector(variant: str, params: Params, model_dir: Path,
                   device: torch.device | None = None) -> Detector:
-    """The trained detector of ``model_dir/model.pt``, in eval mode."""
+    """The trained detector of ``model_dir/model.pt``, in eval mode (read with
+    ``weights_only=True``: an unsafe or foreign file raises CheckpointError)."""
+    check_variant(variant)
     path = model_dir / "model.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no trained model; run `dvc repro train@{variant}` first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_trusted(path, "trained model", ("image_size", "model"))
     detector = build_detector(variant, params, state["image_size"])
-    detector.load_state_dict(state["model"])
+    try:
+        detector.load_state_dict(state["model"])
+    except RuntimeError:
+        raise CheckpointError(f"{path}: its weights do not fit variant {variant} with the current "
+                              f"params (trained with other model params?); re-run "
+                              f"`dvc repro train@{variant}`") from None
     return detector.to(device or torch.device("cpu")).eval()

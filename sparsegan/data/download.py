@@ -20,8 +20,9 @@ naming the folder and the bytes needed.
 
 :func:`safe_extract` unpacks .zip, .tar, .tar.gz/.tgz (detected from the file's content, not its
 name) after validating *every* member first: absolute names, ``..`` components, symbolic and hard
-links, devices, FIFOs and other non-regular members make it raise :class:`UnsafeArchiveError`
-before anything is written. Tar members are then extracted with ``filter="data"`` as a second line
+links, devices, FIFOs and other non-regular members, and members whose path would resolve outside
+the target through a link already there, make it raise :class:`UnsafeArchiveError` before
+anything is written. Tar members are then extracted with ``filter="data"`` as a second line
 of defence.
 """
 
@@ -420,11 +421,15 @@ def safe_extract(archive: Path, target: Path, *,
     archive, target = Path(archive), Path(target)
     kind = _archive_kind(archive)
     target_abs = os.path.abspath(target)
+    target_real = os.path.realpath(target_abs)
     written: list[Path] = []
 
     def inside(rel: PurePosixPath) -> Path:
         out = os.path.normpath(os.path.join(target_abs, *rel.parts))
-        if out != target_abs and not out.startswith(target_abs + os.sep):
+        # realpath: a link already inside the target (archives cannot add one) must not lead out
+        real = os.path.realpath(out)
+        if (out != target_abs and not out.startswith(target_abs + os.sep)) or \
+                (real != target_real and not real.startswith(target_real + os.sep)):
             raise UnsafeArchiveError(f"{archive}: refusing to extract member {str(rel)!r}: it "
                                      f"would land outside {target}; nothing was extracted")
         return Path(out)

@@ -8,7 +8,8 @@ Per split ``<name>`` (see :mod:`sparsegan.data` for the contract) this writes in
                       mask are all zero
 ``<name>.csv``        the rows kept, in array order
 
-and :func:`preprocess_all` adds ``skipped.csv`` (``file, reason``) and ``summary.json``.
+and :func:`preprocess_all` adds ``skipped.csv`` (``file, reason``), ``duplicates.csv`` and
+``summary.json``.
 
 Image policy (:func:`load_gray`):
 
@@ -24,17 +25,27 @@ Image policy (:func:`load_gray`):
   1536x496, ...) to 224x224, and so do we. Masks are binarised (nonzero = lesion) and resized
   with NEAREST, so they stay 0/1.
 * Skipped, with a short reason in ``skipped.csv``, never a crash: a missing, zero-byte,
-  non-image, truncated or otherwise undecodable file, a decompression bomb (more than
-  ``MAX_PIXELS`` = 100 MP; Pillow's warning is turned into an error), an image smaller than
+  not-a-regular (folder, FIFO, device), non-image, truncated or otherwise undecodable file, a
+  decompression bomb (more than ``MAX_PIXELS`` = 100 MP, judged from the header before any pixel
+  is decoded; Pillow's warning is turned into an error), an image smaller than
   ``MIN_SIDE`` = 32 px on a side ("too small"), and an image whose listed mask cannot be read.
+* Duplicates (the same bytes under two names or listed twice, within or across splits) are
+  **kept, each with its own label**, and listed in ``duplicates.csv`` (``file, split, class,
+  duplicate_of, duplicate_of_split, duplicate_of_class, conflict``; the first occurrence in
+  train, val, test order is the original) and counted in ``summary.json`` (``duplicates``:
+  files, across_splits, label_conflicts), with a warning on stderr. A label is never changed or
+  dropped silently: a duplicate whose class differs from its original's has ``conflict`` true.
 * Decoding runs in a ``multiprocessing`` pool (``workers``; 0 = all cores) over chunks of rows
   with ``imap``, so the output keeps the input order; a tqdm bar shows progress.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import stat
+import sys
 import time
 import warnings
 from multiprocessing import Pool
@@ -61,11 +72,14 @@ class SkipImage(Exception):
 
 def _open(path: str | os.PathLike) -> Image.Image:
     try:
-        size = os.path.getsize(path)
+        st = os.stat(path)
     except FileNotFoundError:
         raise SkipImage("missing file") from None
     except OSError as exc:
         raise SkipImage(f"unreadable: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):  # a folder, FIFO or device: never opened (a FIFO blocks)
+        raise SkipImage("not a regular file")
+    size = st.st_size
     if size == 0:
         raise SkipImage("empty file (0 bytes)")
     try:
@@ -167,24 +181,38 @@ def load_mask(path: str | os.PathLike, size: int) -> np.ndarray:
     return np.asarray(binary.resize((size, size), Image.Resampling.NEAREST), dtype=np.uint8)
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """BLAKE2b-128 of the file's bytes (finds the same image under two names)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _load_chunk(args: tuple[list[tuple[int, str, str]], int]) -> list[tuple]:
-    """Worker: ``(row, image or None, mask or None, reason or None)`` for each row of a chunk."""
+    """Worker: ``(row, image or None, mask or None, reason or None, digest or None)`` for each
+    row of a chunk."""
     rows, size = args
     out = []
     for i, path, mask_path in rows:
         try:
             img = load_gray(path, size)
+            digest = file_digest(path)
         except SkipImage as exc:
-            out.append((i, None, None, str(exc)))
+            out.append((i, None, None, str(exc), None))
+            continue
+        except OSError as exc:  # vanished or unreadable between decoding and hashing
+            out.append((i, None, None, f"unreadable: {exc.strerror or exc}", None))
             continue
         mask = None
         if mask_path:
             try:
                 mask = load_mask(mask_path, size)
             except SkipImage as exc:
-                out.append((i, None, None, f"mask {mask_path}: {exc}"))
+                out.append((i, None, None, f"mask {mask_path}: {exc}", None))
                 continue
-        out.append((i, img, mask, None))
+        out.append((i, img, mask, None, digest))
     return out
 
 
@@ -230,7 +258,8 @@ def preprocess_split(df: pd.DataFrame, size: int, out_dir: Path, name: str,
     """Decode the rows of ``df`` (columns ``path``, optional ``mask``, ...) into ``out_dir``.
 
     Returns ``{"name", "rows", "kept", "skipped" (list of {"file", "reason"}), "masks" (bool),
-    "seconds", "images_per_s"}``; the caller appends ``skipped`` to ``skipped.csv``.
+    "seconds", "images_per_s", "digests" (file digest of each kept row, in array order)}``; the
+    caller appends ``skipped`` to ``skipped.csv``.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -256,6 +285,7 @@ def preprocess_split(df: pd.DataFrame, size: int, out_dir: Path, name: str,
     workers = workers or os.cpu_count() or 1
     workers = max(1, min(workers, len(chunks)))
     kept: list[int] = []
+    digests: list[str] = []
     skipped: list[dict] = []
     bar = tqdm(total=n, desc=f"preprocess {name}", unit="img", mininterval=1.0)
     pool = Pool(workers) if workers > 1 else None
@@ -263,7 +293,7 @@ def preprocess_split(df: pd.DataFrame, size: int, out_dir: Path, name: str,
     try:
         results = pool.imap(_load_chunk, chunks) if pool else map(_load_chunk, chunks)
         for chunk in results:
-            for i, img, mask, reason in chunk:
+            for i, img, mask, reason, digest in chunk:
                 if reason is not None:
                     skipped.append({"file": paths[i], "reason": reason})
                     continue
@@ -272,6 +302,7 @@ def preprocess_split(df: pd.DataFrame, size: int, out_dir: Path, name: str,
                 if mask_arr is not None:
                     mask_arr[j, 0] = mask if mask is not None else 0
                 kept.append(i)
+                digests.append(digest)
             bar.update(len(chunk))
         ok = True
     finally:
@@ -299,7 +330,27 @@ def preprocess_split(df: pd.DataFrame, size: int, out_dir: Path, name: str,
     seconds = time.perf_counter() - t0
     return {"name": name, "rows": n, "kept": len(kept), "skipped": skipped,
             "masks": has_masks, "seconds": round(seconds, 3),
-            "images_per_s": round(n / seconds, 1) if seconds > 0 else None}
+            "images_per_s": round(n / seconds, 1) if seconds > 0 else None,
+            "digests": digests}
+
+
+DUPLICATE_COLUMNS = ["file", "split", "class", "duplicate_of", "duplicate_of_split",
+                     "duplicate_of_class", "conflict"]
+
+
+def find_duplicates(rows: list[dict]) -> list[dict]:
+    """Rows (``split, file, class, digest``, in train/val/test then array order) whose bytes
+    equal an earlier row's: one record per later copy, against the first occurrence."""
+    first: dict[str, dict] = {}
+    out = []
+    for r in rows:
+        orig = first.setdefault(r["digest"], r)
+        if orig is r:
+            continue
+        out.append({"file": r["file"], "split": r["split"], "class": r["class"],
+                    "duplicate_of": orig["file"], "duplicate_of_split": orig["split"],
+                    "duplicate_of_class": orig["class"], "conflict": r["class"] != orig["class"]})
+    return out
 
 
 def preprocess_all(splits_dir: Path, out_dir: Path, size: int, workers: int = 0) -> dict:
@@ -313,18 +364,35 @@ def preprocess_all(splits_dir: Path, out_dir: Path, size: int, workers: int = 0)
     t0 = time.perf_counter()
     summary: dict = {"image_size": size, "splits": {}}
     skipped: list[dict] = []
+    kept_rows: list[dict] = []
     total = 0
     for name in _SPLITS:
         df = pd.read_csv(splits_dir / f"{name}.csv", dtype={"patient": str, "mask": str},
                          keep_default_na=False)
         info = preprocess_split(df, size, out_dir, name, workers)
+        kept = pd.read_csv(out_dir / f"{name}.csv", dtype=str, keep_default_na=False)
+        classes = kept["class"] if "class" in kept.columns else [""] * len(kept)
+        kept_rows += [{"split": name, "file": f, "class": c, "digest": d}
+                      for f, c, d in zip(kept["path"], classes, info.pop("digests"))]
         skipped += info.pop("skipped")
         info["skipped"] = info["rows"] - info["kept"]
         summary["splits"][name] = info
         total += info["rows"]
     pd.DataFrame(skipped, columns=["file", "reason"]).to_csv(out_dir / "skipped.csv", index=False)
+    dups = find_duplicates(kept_rows)
+    pd.DataFrame(dups, columns=DUPLICATE_COLUMNS).to_csv(out_dir / "duplicates.csv", index=False)
+    conflicts = sum(d["conflict"] for d in dups)
+    if dups:
+        print(f"[preprocess] warning: {len(dups)} duplicate files (same bytes as another listed "
+              f"file), {conflicts} with a different class than their original; all kept with "
+              f"their own labels, listed in {out_dir / 'duplicates.csv'}", file=sys.stderr)
     seconds = time.perf_counter() - t0
-    summary.update(images=total, skipped=len(skipped), seconds=round(seconds, 3),
+    summary.update(images=total, skipped=len(skipped),
+                   duplicates={"files": len(dups),
+                               "across_splits": sum(d["split"] != d["duplicate_of_split"]
+                                                    for d in dups),
+                               "label_conflicts": conflicts},
+                   seconds=round(seconds, 3),
                    images_per_s=round(total / seconds, 1) if seconds > 0 else None)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
