@@ -196,8 +196,12 @@ def table1_markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n\nEach cell: ours / paper (Zhou et al., ISBI 2020, OCT2017).\n"
 
 
-def _log_to_mlflow(variant: str, model_dir: Path, metrics: dict, report_dir: Path) -> None:
+def _log_to_mlflow(variant: str, params: Params, model_dir: Path, metrics: dict,
+                   report_dir: Path) -> None:
+    """The test metrics, their files and the trained model (``mlflow.pytorch.log_model``) into
+    the variant's training run (or a new run when that one lives in another store)."""
     import mlflow
+    import mlflow.pytorch
 
     from .tracking import start_run
 
@@ -206,21 +210,26 @@ def _log_to_mlflow(variant: str, model_dir: Path, metrics: dict, report_dir: Pat
     with start_run(variant, run_id):
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()
                             if isinstance(v, (int, float)) and math.isfinite(v)})
-        mlflow.log_param("calibrate.criterion", metrics["criterion"])
-        for name in ("metrics.json", "roc.csv"):
+        # a tag, not a param: params are immutable and the criterion may change after training
+        mlflow.set_tag("calibrate.criterion", metrics["criterion"])
+        for name in ("calibration.json", "metrics.json", "roc.csv"):
             mlflow.log_artifact(str(report_dir / name))
+        mlflow.pytorch.log_model(load_detector(variant, params, model_dir), name="model",
+                                 serialization_format="pickle",
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
-def evaluate(variant: str, processed_dir: Path, scores_dir: Path, model_dir: Path,
-             report_dir: Path, log_mlflow: bool = True, seed: int = 0, n_boot: int = 1000) -> dict:
-    """Stage evaluate@<variant>: metrics of one variant, also logged to its MLflow run.
-    ``seed`` and ``n_boot`` drive the patient bootstrap (pass ``params.seed``)."""
+def evaluate(variant: str, params: Params, processed_dir: Path, scores_dir: Path,
+             model_dir: Path, report_dir: Path, log_mlflow: bool = True,
+             n_boot: int = 1000) -> dict:
+    """Stage evaluate@<variant>: metrics of one variant (the patient bootstrap seeded with
+    ``params.seed``), also logged to its MLflow run with the model."""
     masks_path = processed_dir / "test_masks.npy"
     test_masks = np.load(masks_path, mmap_mode="r") if masks_path.exists() else None
-    metrics = evaluate_variant(variant, scores_dir, report_dir, test_masks, seed=seed,
+    metrics = evaluate_variant(variant, scores_dir, report_dir, test_masks, seed=params.seed,
                                n_boot=n_boot)
     if log_mlflow:
-        _log_to_mlflow(variant, model_dir, metrics, report_dir)
+        _log_to_mlflow(variant, params, model_dir, metrics, report_dir)
     return metrics
 
 

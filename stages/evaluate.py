@@ -10,8 +10,8 @@ from sparsegan.params import load_params
 
 def main(variant: str) -> None:
     params = load_params()
-    evaluate(variant, Path("data/processed"), Path("scores") / variant, Path("models") / variant,
-             Path("reports/variants") / variant, seed=params.seed)
+    evaluate(variant, params, Path("data/processed"), Path("scores") / variant,
+             Path("models") / variant, Path("reports/variants") / variant)
 
 
 if __name__ == "__main__":

@@ -98,6 +98,10 @@ def test_mlflow_runs_hold_the_same_numbers(pipeline: Path):
         assert run.data.metrics["test_auc"] == pytest.approx(metrics[variant]["test_auc"])
         assert run.data.tags["git_commit"] != "unknown"
         assert "loss_g" in run.data.metrics or "loss_d" in run.data.metrics
+        logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"metrics.json", "roc.csv", "calibration.json"} <= logged
+    model_runs = client.search_logged_models([exp.experiment_id])
+    assert {m.source_run_id for m in model_runs} == {r.info.run_id for r in by_variant.values()}
 
 
 def test_changing_lambda_sp_reruns_only_sparse_gan(pipeline: Path):
