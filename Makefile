@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: pipeline test setup clean-venv
+.PHONY: pipeline test setup clean-venv bench
 
 $(STAMP): requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=python3"; exit 1; }
@@ -24,3 +24,8 @@ pipeline: setup
 test: setup
 	@bash .ci/install_chromium.sh || echo "warning: no Chromium; the report's browser test will be skipped (CI installs it)"
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+# Throughput of this machine -> reports/bench.json and a markdown table (scripts/bench.py);
+# `make bench BENCH_ARGS=--pipeline` also times a full `dvc repro` and a `dvc exp run` after it.
+bench: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench.py $(BENCH_ARGS)

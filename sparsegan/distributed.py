@@ -124,16 +124,24 @@ def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
                                f"train.nproc_per_node")
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
+    global _owned
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         dist.init_process_group(backend=backend, **kwargs)
+        _owned = True
     return info, device
 
 
+_owned = False  # whether setup() created the process group (teardown() destroys only that one)
+
+
 def teardown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group that :func:`setup` created (one created by the caller stays)."""
+    global _owned
+    if _owned and dist.is_initialized():
         dist.destroy_process_group()
+    _owned = False
 
 
 def barrier(info: DistInfo) -> None:

@@ -132,6 +132,9 @@ class ModelParams:
     """Width of the shared generator / discriminator (DESIGN.md section 1)."""
 
     base_channels: int = _check(ge=1, default=16)  # b: encoder widths b, 2b, 4b, ...; 64 in the paper
+    # batch norm in G_en, G_de, D and the baselines' generators ("batch", pix2pix/DCGAN) or none
+    # (no batch norm, conv biases instead): under DDP on CPU, where BN cannot be synchronised
+    norm: str = _check(choices=("batch", "none"), default="batch")
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,12 @@ class TrainParams:
     lambda_sp: float = _check(ge=0.0, default=50.0)
     device: str = _check(choices=("auto", "cpu", "cuda"), default="auto")
     num_threads: int = _check(ge=0, default=0)  # 0: torch's default
+    # torch.compile the networks (in place; CUDA mainly, on CPU it needs a C++ compiler; f-AnoGAN's
+    # critic stays eager: the gradient penalty's double backward cannot be compiled)
+    compile: bool = False
+    # > 1: data-parallel training on N processes (GPUs) under torchrun; train.batch_size stays the
+    # global batch and must be divisible by N (see sparsegan/distributed.py)
+    nproc_per_node: int = _check(ge=1, default=1)
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,9 @@ class AnoGAN(Detector):
     def __init__(self, image_size: int, model: ModelParams, p: AnoganParams):
         super().__init__()
         self.p, self.image_size = p, image_size
-        self.generator = Generator(image_size, model.base_channels, p.latent_dim)
-        self.discriminator = Discriminator(image_size, model.base_channels, norm="batch")
+        norm = model.norm  # batch | none
+        self.generator = Generator(image_size, model.base_channels, p.latent_dim, norm=norm)
+        self.discriminator = Discriminator(image_size, model.base_channels, norm=norm)
         betas = (0.5, 0.999)  # DCGAN (Radford et al. 2016)
         self._optimizers = {
             "generator": torch.optim.Adam(self.generator.parameters(), lr=p.lr, betas=betas),

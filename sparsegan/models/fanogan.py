@@ -41,10 +41,11 @@ from .networks import Discriminator, Encoder, _init_weights, latent_shape
 class LatentEncoder(nn.Module):
     """E: (B, 1, S, S) image -> (B, latent_dim) z; shared Encoder then a linear head (no tanh)."""
 
-    def __init__(self, image_size: int, base_channels: int, latent_dim: int):
+    def __init__(self, image_size: int, base_channels: int, latent_dim: int,
+                 norm: str = "batch"):
         super().__init__()
         c, h, w = latent_shape(image_size, base_channels)
-        self.features = Encoder(image_size, base_channels)
+        self.features = Encoder(image_size, base_channels, norm=norm)
         self.head = nn.Linear(c * h * w, latent_dim)
         _init_weights(self.head)
 
@@ -62,9 +63,10 @@ class FAnoGAN(Detector):
     def __init__(self, image_size: int, model: ModelParams, p: FanoganParams):
         super().__init__()
         self.p, self.image_size = p, image_size
-        self.generator = Generator(image_size, model.base_channels, p.latent_dim)
+        norm = model.norm  # batch | none (the critic never has batch norm)
+        self.generator = Generator(image_size, model.base_channels, p.latent_dim, norm=norm)
         self.critic = Discriminator(image_size, model.base_channels, norm="none")
-        self.encoder = LatentEncoder(image_size, model.base_channels, p.latent_dim)
+        self.encoder = LatentEncoder(image_size, model.base_channels, p.latent_dim, norm=norm)
         self.register_buffer("critic_steps", torch.zeros((), dtype=torch.long))
         wgan_betas = (0.0, 0.9)  # WGAN-GP (Gulrajani et al. 2017, Algorithm 1)
         self._optimizers = {

@@ -22,21 +22,23 @@ from .networks import Decoder, _init_weights, latent_shape
 class Generator(nn.Module):
     """DCGAN generator G: (B, latent_dim) z ~ N(0, I) -> (B, 1, S, S) image in [-1, 1].
 
-    ``z -> Linear -> (B, C, h, w) -> BN -> ReLU -> Decoder``, with (C, h, w) the shared latent
+    ``z -> Linear -> (B, C, h, w) -> BN -> ReLU -> Decoder`` (``norm="none"``: no BN, biases
+    instead, as ``model.norm``), with (C, h, w) the shared latent
     shape (:func:`~sparsegan.models.networks.latent_shape`, e.g. 64x8x8 at S=64, b=16). The linear
     projection is DCGAN's first transposed convolution from a 1x1 map, written as a matrix.
     """
 
-    def __init__(self, image_size: int, base_channels: int, latent_dim: int):
+    def __init__(self, image_size: int, base_channels: int, latent_dim: int,
+                 norm: str = "batch"):
         super().__init__()
         self.latent_dim = latent_dim
         self.shape = latent_shape(image_size, base_channels)
         c, h, w = self.shape
-        self.project = nn.Linear(latent_dim, c * h * w, bias=False)
-        self.bn = nn.BatchNorm2d(c)
+        self.project = nn.Linear(latent_dim, c * h * w, bias=norm != "batch")
+        self.bn = nn.BatchNorm2d(c) if norm == "batch" else nn.Identity()
         _init_weights(self.project)
         _init_weights(self.bn)
-        self.decoder = Decoder(image_size, base_channels)
+        self.decoder = Decoder(image_size, base_channels, norm=norm)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         latent = self.project(z).view(z.shape[0], *self.shape)  # (B, C, h, w)

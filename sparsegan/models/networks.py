@@ -50,17 +50,31 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class Encoder(nn.Module):
-    """G_en: (B, 1, S, S) image -> (B, C, h, w) latent H; widths b, 2b, 4b, ... (no BN on the first)."""
+NORMS = ("batch", "none")
 
-    def __init__(self, image_size: int, base_channels: int, in_channels: int = 1):
+
+def _check_norm(norm: str) -> str:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    return norm
+
+
+class Encoder(nn.Module):
+    """G_en: (B, 1, S, S) image -> (B, C, h, w) latent H; widths b, 2b, 4b, ... (no BN on the first).
+
+    ``norm`` (``model.norm``): "batch" (pix2pix) or "none" (no batch norm; every conv gets a bias),
+    e.g. for data-parallel training on CPU, where batch norm cannot be synchronised."""
+
+    def __init__(self, image_size: int, base_channels: int, in_channels: int = 1,
+                 norm: str = "batch"):
         super().__init__()
+        batch_norm = _check_norm(norm) == "batch"
         layers: list[nn.Module] = []
         c_in = in_channels
         for i in range(num_blocks(image_size)):
             c_out = base_channels * 2**i
-            layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=i == 0))
-            if i > 0:
+            layers.append(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=i == 0 or not batch_norm))
+            if i > 0 and batch_norm:
                 layers.append(nn.BatchNorm2d(c_out))
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             c_in = c_out
@@ -72,16 +86,21 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """G_de: (B, C, h, w) latent -> (B, 1, S, S) image in [-1, 1]; mirrors the encoder."""
+    """G_de: (B, C, h, w) latent -> (B, 1, S, S) image in [-1, 1]; mirrors the encoder
+    (``norm`` as :class:`Encoder`)."""
 
-    def __init__(self, image_size: int, base_channels: int, out_channels: int = 1):
+    def __init__(self, image_size: int, base_channels: int, out_channels: int = 1,
+                 norm: str = "batch"):
         super().__init__()
+        batch_norm = _check_norm(norm) == "batch"
         n = num_blocks(image_size)
         layers: list[nn.Module] = []
         for i in reversed(range(1, n)):
             c_in, c_out = base_channels * 2**i, base_channels * 2 ** (i - 1)
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False),
-                       nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm2d(c_out))
+            layers.append(nn.ReLU(inplace=True))
         layers += [nn.ConvTranspose2d(base_channels, out_channels, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         _init_weights(self)
@@ -100,7 +119,7 @@ class Discriminator(nn.Module):
     def __init__(self, image_size: int, base_channels: int, norm: str = "batch"):
         super().__init__()
         self.features = Encoder(image_size, base_channels)
-        if norm == "none":
+        if _check_norm(norm) == "none":
             self.features.net = nn.Sequential(
                 *[m for m in self.features.net if not isinstance(m, nn.BatchNorm2d)])
             for m in self.features.net:

@@ -24,6 +24,7 @@ from ..params import ModelParams, SrnParams, TrainParams
 from .anomaly import (anomaly_activation_map, difference_map, image_anomaly_score,
                       latent_anomaly_score)
 from .base import Detector, ScoreOutput
+from .gan_parts import frozen
 from .losses import (discriminator_loss, generator_adversarial_loss, reconstruction_loss,
                      sparse_coding_loss)
 from .networks import Decoder, Discriminator, Encoder, SparsityRegularizationNet, latent_shape
@@ -51,9 +52,10 @@ class ReconstructionDetector(Detector):
                  train: TrainParams, srn: SrnParams = SrnParams()):
         super().__init__()
         self.config, self.train_params, self.image_size = config, train, image_size
-        self.encoder = Encoder(image_size, model.base_channels)  # G_en, and E
-        self.decoder = Decoder(image_size, model.base_channels)  # G_de
-        self.discriminator = (Discriminator(image_size, model.base_channels)
+        norm = model.norm  # batch | none (no batch norm in G and D)
+        self.encoder = Encoder(image_size, model.base_channels, norm=norm)  # G_en, and E
+        self.decoder = Decoder(image_size, model.base_channels, norm=norm)  # G_de
+        self.discriminator = (Discriminator(image_size, model.base_channels, norm=norm)
                               if config.adversarial else None)
         channels = latent_shape(image_size, model.base_channels)[0]
         self.srn = (SparsityRegularizationNet(channels, srn.code_channels or channels,
@@ -94,7 +96,10 @@ class ReconstructionDetector(Detector):
         losses["re"] = reconstruction_loss(x, reconstruction)
         total = t.lambda_re * losses["re"]
         if self.discriminator is not None:
-            losses["adv"] = generator_adversarial_loss(self.discriminator(reconstruction)[0])
+            # D's parameters need no gradient in the G step (saves D's weight-gradient convs);
+            # D stays in training mode (its batch statistics, as in the D step)
+            with frozen(self.discriminator, eval_mode=False):
+                losses["adv"] = generator_adversarial_loss(self.discriminator(reconstruction)[0])
             total = total + t.lambda_adv * losses["adv"]
         if self.srn is not None:
             losses["sp"] = self.sparsity_loss(latent)
