@@ -486,12 +486,16 @@ def bench_pipeline(lambda_sp: float = 25.0) -> dict:
                 shutil.copy2(src, repo / f)
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
 
+        cpu: dict[str, float] = {}
+
         def sh(*cmd: str) -> float:
-            tic = time.perf_counter()
+            tic, used = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
             proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
             if proc.returncode:
                 raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                                    f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+            now = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu[cmd[1]] = (now.ru_utime - used.ru_utime) + (now.ru_stime - used.ru_stime)
             return time.perf_counter() - tic
 
         sh("git", "init", "-q")
@@ -508,6 +512,8 @@ def bench_pipeline(lambda_sp: float = 25.0) -> dict:
         load_mid = load()
         exp = sh("dvc", "exp", "run", "-S", f"train.lambda_sp={lambda_sp}")
     return {"full_repro_s": round(full, 1), "exp_run_s": round(exp, 1),
+            "full_repro_cpu_s": round(cpu["repro"], 1), "exp_run_cpu_s": round(cpu["exp"], 1),
+            "cpu_ratio": round(cpu["exp"] / cpu["repro"], 3),
             "exp_run": f"dvc exp run -S train.lambda_sp={lambda_sp:g}",
             "ratio": round(exp / full, 3), "target_ratio": round(1 / 3, 3),
             "load_before": load_before, "load_between": load_mid, "load_after": load()}

@@ -39,6 +39,8 @@ def build_report(params: Params, processed_dir: Path, scores_root: Path, models_
         with start_run("report"):
             mlflow.log_params({k: v for k, v in flatten(params).items()
                                if k.split(".")[0] in ("seed", "data", "calibrate")})
+            mlflow.log_metrics({f"{v}.{k}": float(x) for v, m in results.items()
+                                for k, x in m.items() if k.startswith("vs_sparse_gan_")})
             mlflow.log_artifact(str(index))
             mlflow.log_artifact(str(reports_root / "table1.md"))
             mlflow.log_artifact(str(reports_root / "metrics.json"))

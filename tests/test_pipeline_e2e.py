@@ -90,10 +90,12 @@ def test_mlflow_runs_hold_the_same_numbers(pipeline: Path):
     runs = client.search_runs([exp.experiment_id])
     by_variant = {r.data.tags["variant"]: r for r in runs}
     assert sorted(by_variant) == sorted(VARIANTS + ["report"])
+    metrics = json.loads((pipeline / "reports/metrics.json").read_text())
     report = by_variant.pop("report")
     artifacts = {a.path for a in client.list_artifacts(report.info.run_id)}
     assert {"index.html", "table1.md", "metrics.json"} <= artifacts
-    metrics = json.loads((pipeline / "reports/metrics.json").read_text())
+    assert report.data.metrics["autoencoder.vs_sparse_gan_p_value"] == pytest.approx(
+        metrics["autoencoder"]["vs_sparse_gan_p_value"])
     for variant, run in by_variant.items():
         assert run.data.metrics["test_auc"] == pytest.approx(metrics[variant]["test_auc"])
         assert run.data.tags["git_commit"] != "unknown"
