@@ -150,21 +150,18 @@ def overlay_image(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45,
 
 def load_model(variant: str, params, models_dir: Path, params_path: Path, device):
     """``(detector in eval mode, image size)`` from ``models_dir/<variant>/model.pt``."""
-    import torch
-
     from .models import build_detector
-    from .train import config_hash
+    from .train import CheckpointError, config_hash, load_trusted
 
     path = models_dir / variant / "model.pt"
     if not path.is_file():
         raise UsageError(f"{path}: no trained model; run `dvc repro train@{variant}` "
                          f"(or pass --models)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        size = int(state["image_size"])
-    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is a usage error
-        raise UsageError(f"{path}: not a readable model ({type(exc).__name__}); re-run "
-                         f"`dvc repro train@{variant}`") from None
+        state = load_trusted(path, "trained model", ("image_size", "model"))
+    except CheckpointError as exc:
+        raise UsageError(f"{exc} (`dvc repro train@{variant}` makes a new one)") from None
+    size = int(state["image_size"])
     if state.get("variant", variant) != variant:
         raise UsageError(f"{path} holds variant {state['variant']!r}, not {variant!r}")
     detector = build_detector(variant, params, size)
