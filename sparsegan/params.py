@@ -57,9 +57,9 @@ class SyntheticParams:
     """Counts of the embedded synthetic OCT generator (OCT2017 layout, see ``data/synthetic.py``)."""
 
     seed: int = 0
-    train_normal: int = _check(ge=1, default=1200)
+    train_normal: int = _check(ge=1, default=2400)
     train_per_disease: int = _check(ge=1, default=150)
-    test_per_class: int = _check(ge=1, default=100)
+    test_per_class: int = _check(ge=1, default=250)
     scans_per_patient: int = _check(ge=1, default=6)
     workers: int = _check(ge=0, default=0)  # 0: all cores
     # difficulty: each lesion's severity (size and contrast) is drawn uniformly in this range
@@ -125,6 +125,8 @@ def encoder_blocks(image_size: int) -> int | None:
 @dataclass(frozen=True)
 class PreprocessParams:
     workers: int = _check(ge=0, default=0)  # 0: all cores
+    # fill white registration corners with background (data/preprocess.py: fill_corners)
+    fill_corners: bool = True
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ class SrnParams:
 class TrainParams:
     """Training of the generator-based variants; lambdas as in the paper (Sec. 2.3)."""
 
-    epochs: int = _check(ge=1, default=12)
+    epochs: int = _check(ge=1, default=30)
     batch_size: int = _check(ge=1, default=32)
     lr: float = _check(gt=0.0, default=0.001)
     beta1: float = _check(ge=0.0, le=1.0, default=0.5)

@@ -16,7 +16,7 @@ Inputs are image files or folders; folders are searched recursively for ``.jpeg 
 explicitly is always tried. Any size and mode is accepted and converted exactly as in training
 (:func:`sparsegan.data.preprocess.load_gray`: RGB -> luma, alpha composited on black, 16-bit
 stretched from its own min..max, resized to the model's image size without keeping the aspect
-ratio).
+ratio, white registration corners filled when the params' ``preprocess.fill_corners`` is on).
 
 Writes into ``--out``:
 
@@ -255,7 +255,7 @@ def predict(args: argparse.Namespace) -> int:
             images, ok = [], []
             for item in batch:
                 try:
-                    images.append(load_gray(item.path, size))
+                    images.append(load_gray(item.path, size, params.preprocess.fill_corners))
                     ok.append(item)
                 except SkipImage as exc:
                     fail(str(item.path), str(exc))

@@ -10,7 +10,8 @@ from sparsegan.params import load_params
 
 def main(splits_dir: str = "data/splits", out_dir: str = "data/processed") -> None:
     params = load_params()
-    preprocess_all(Path(splits_dir), Path(out_dir), params.data.image_size, params.preprocess.workers)
+    preprocess_all(Path(splits_dir), Path(out_dir), params.data.image_size, params.preprocess.workers,
+                   params.preprocess.fill_corners)
 
 
 if __name__ == "__main__":

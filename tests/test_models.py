@@ -223,7 +223,7 @@ def test_score_computes_h_re_with_the_same_encoder_module(variant, calls):
         torch.testing.assert_close(out.score, expected)
         assert set(out.maps) == {"difference", "aam"}
     else:
-        expected = (x - out.reconstruction).abs().flatten(1).mean(1)
+        expected = (x - out.reconstruction).square().flatten(1).mean(1)
         torch.testing.assert_close(out.score, expected)
         assert set(out.maps) == {"difference"}
     assert out.score.shape == (3,)
@@ -312,11 +312,11 @@ def test_latent_anomaly_score_is_the_l2_norm_of_the_flattened_difference():
     torch.testing.assert_close(score, by_hand)
 
 
-def test_image_anomaly_score_is_the_mean_absolute_difference():
+def test_image_anomaly_score_is_the_mean_squared_difference():
     image = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])
     recon = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]]], [[[1.0, -1.0], [1.0, -1.0]]]])
     score = image_anomaly_score(image, recon)
-    torch.testing.assert_close(score, torch.tensor([2.5 / 4, 1.0]))
+    torch.testing.assert_close(score, torch.tensor([2.25 / 4, 1.0]))
 
 
 def test_discriminator_loss_is_zero_for_a_perfect_d_and_log2_at_chance():

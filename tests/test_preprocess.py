@@ -253,3 +253,66 @@ def test_iterate_batches():
     for xb, idx in iterate_batches(images, 3, True, g, return_index=True):
         assert torch.equal(xb, to_float(images[idx]))
     assert float(to_float(np.array([0, 255], np.uint8)).max()) == 1.0
+
+
+def scan_with_wedge(wedge: bool = True, seed: int = 0) -> np.ndarray:
+    """64x64 'B-scan': dark noisy vitreous/choroid (~30), a saturated RPE band on rows 40-41
+    that runs into the left and right edges, and (``wedge``) a white registration wedge in the
+    top-left corner whose slanted edge is antialiased."""
+    rng = np.random.default_rng(seed)
+    a = rng.normal(30, 4, (64, 64)).clip(0, 255)
+    a[40:42] = 255
+    if wedge:
+        rows, cols = np.mgrid[0:64, 0:64]
+        depth = 12.0 - cols * 0.4  # the wedge's bottom edge, 12 px deep at the corner
+        a = np.where(rows < depth - 0.5, 255, a)
+        edge = np.abs(rows - depth) <= 0.5
+        a[edge] = 150  # partly covered pixels
+    return a.astype(np.uint8)
+
+
+def test_fill_corners_replaces_the_wedge_by_row_background_and_keeps_the_retina():
+    img = scan_with_wedge()
+    out = pp.fill_corners(img)
+    wedge = (img >= 128) & (np.arange(64)[:, None] < 20)
+    assert wedge.sum() > 100
+    assert np.all(out[wedge] < 50) and np.all(out[wedge] > 15)  # background, not black or white
+    assert np.array_equal(out[20:], img[20:])  # the saturated RPE touching the sides is kept
+    assert np.array_equal(out[:, 40:][~wedge[:, 40:]], img[:, 40:][~wedge[:, 40:]])
+    clean = scan_with_wedge(wedge=False)
+    assert pp.fill_corners(clean) is clean  # nothing to fill: the same array back
+    # saturated tissue touching the top edge in the middle (not near a corner) is not a wedge
+    mid = clean.copy()
+    mid[0:10, 28:36] = 255
+    assert pp.fill_corners(mid) is mid
+
+
+def test_preprocess_fills_corners_only_when_asked_and_counts_them(tmp_path):
+    paths = [save(scan_with_wedge(), tmp_path / "w.png"),
+             save(scan_with_wedge(wedge=False), tmp_path / "c.png")]
+    df = pd.DataFrame({"path": paths, "label": 0, "class": "NORMAL", "patient": ["1", "2"],
+                       "mask": ""})
+    off = preprocess_split(df, 32, tmp_path / "off", "train", 1)
+    on = preprocess_split(df, 32, tmp_path / "on", "train", 1, corners=True)
+    assert off["corners_filled"] == 0 and on["corners_filled"] == 1
+    a_off = np.load(tmp_path / "off" / "train.npy")
+    a_on = np.load(tmp_path / "on" / "train.npy")
+    assert a_off[0, 0, 0, 0] == 255 and a_on[0, 0, 0, 0] < 60
+    assert np.array_equal(a_on[1], a_off[1])
+    assert np.array_equal(load_gray(paths[0], 32, corners=True), a_on[0, 0])  # predict's path
+
+
+def test_jpeg_grain_does_not_depend_on_whether_the_height_divides_exactly(tmp_path):
+    """A 512x512 JPEG is DCT-scaled to exactly 64 px and would skip the antialiased resize that
+    smooths a 512x496 one (62 px, upsampled): the same texture must come out equally grainy."""
+    rng = np.random.default_rng(3)
+    noise = rng.normal(90, 25, (512, 512)).clip(0, 255).astype(np.uint8)
+
+    def grain(h: int) -> float:
+        path = tmp_path / f"n{h}.jpeg"
+        Image.fromarray(noise[:h]).save(path, quality=92)
+        a = load_gray(path, 64).astype(np.float32)
+        return float(np.abs(np.diff(a, axis=0)).mean())
+
+    g512, g496 = grain(512), grain(496)
+    assert 0.75 < g512 / g496 < 1.33, (g512, g496)

@@ -175,3 +175,18 @@ def test_rewrite_replaces_stale_files(tmp_path):
     synthetic.write_dataset(root, _params(1, train_normal=6))
     df = synthetic.write_dataset(root, _params(1, train_normal=2))
     assert len(list(root.rglob("*.jpeg"))) == len(df)
+
+
+def test_speckle_grain_has_a_physical_size_whatever_the_scan_width():
+    """The same eye scanned at 512 and at 1536 columns (same field of view) must look equally
+    grainy once resized to the model's size; a grain of fixed pixel size would average out 3x
+    more in the wide scan and make the 512-column scans look anomalous."""
+    def roughness(width: int) -> float:
+        anat = synthetic.draw_anatomy(np.random.default_rng(11), 496, width)
+        img = synthetic.render_scan(np.random.default_rng(12), "NORMAL", 496, width, anat).image
+        small = np.asarray(Image.fromarray(img).resize((64, 64), Image.Resampling.BILINEAR,
+                                                       reducing_gap=3.0), np.float32)
+        return float(np.abs(np.diff(small[:16], axis=1)).mean())  # vitreous: speckle only
+
+    r512, r1536 = roughness(512), roughness(1536)
+    assert 0.75 < r1536 / r512 < 1.33, (r512, r1536)

@@ -12,8 +12,14 @@ def latent_anomaly_score(latent: torch.Tensor, latent_re: torch.Tensor) -> torch
 
 
 def image_anomaly_score(image: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """Image-level reconstruction error mean |I_in - I_re| per image (Auto-Encoder, pix2pix #1): (B,)."""
-    return (image - reconstruction).abs().flatten(1).mean(dim=1)
+    """Image-level reconstruction error mean (I_in - I_re)^2 per image (Auto-Encoder, pix2pix #1): (B,).
+
+    The paper names only "image reconstruction error". Squared, not L1 (the training loss L_re):
+    a lesion leaves a few large residuals, the normal texture many small ones, and squaring
+    weighs the former; on the default synthetic run it gave the higher *validation* AUC for the
+    autoencoder (0.84 vs 0.79 in our check, see README).
+    """
+    return (image - reconstruction).square().flatten(1).mean(dim=1)
 
 
 def difference_map(image: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
