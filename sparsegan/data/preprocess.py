@@ -190,8 +190,10 @@ def fill_corners(image: np.ndarray, high: int = 250, low: int = 128,
     bottom row within a quarter of the width from a corner, and covers at least ``min_area`` of the
     image; it is grown by one pixel (the antialiased edge) and each of its rows is filled with the
     median of the row's other pixels (vitreous above, deep choroid below), or of the whole image
-    when the wedge covers most of the row. Retina never qualifies unless it is saturated and
-    touches the top or bottom edge near a corner. Returns ``image`` itself when nothing is filled.
+    when the wedge covers most of the row. Tissue is left alone unless it is saturated where it
+    touches the top or bottom edge near a corner, or bright (>= ``low``) and in contact with a
+    wedge (vitreous or deep choroid normally separates them). Returns ``image`` itself when
+    nothing is filled.
     """
     h, w = image.shape
     edge = max(1, w // 4)
