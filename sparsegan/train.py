@@ -40,9 +40,11 @@ Speed (``scripts/bench.py`` measures each point; ``make bench``):
   preferred layout: 1.18x on 2 cores), bf16 autocast and ``cudnn.benchmark`` on CUDA;
   ``train.compile`` compiles the networks (:func:`compile_networks`).
 * **Several GPUs**: under torchrun (``train.nproc_per_node`` > 1, see
-  :mod:`sparsegan.distributed`) each rank trains on its shard of every global batch, gradients
-  are averaged before each optimizer step, and rank 0 alone logs, checkpoints and writes the
-  model; a resumed run restarts all ranks from rank 0's checkpoint.
+  :mod:`sparsegan.distributed`) each rank trains on its shard of every global batch, each network
+  wrapped in ``DistributedDataParallel`` (gradients averaged during the backward pass), and rank 0
+  alone logs, checkpoints and writes the model, with the bare networks' ``state_dict`` keys (the
+  keys of a single-process run, no ``module.``); a resumed run restarts all ranks from rank 0's
+  checkpoint.
 """
 
 from __future__ import annotations
@@ -180,11 +182,17 @@ def _state(detector: Detector, epoch: int, history: list, config: str, data: str
         "epoch": epoch,
         "history": history,
         "mlflow_run_id": run_id,
-        "model": detector.state_dict(),
+        "model": _model_state(detector),
         "optimizers": {k: o.state_dict() for k, o in detector.optimizers().items()},
         "schedulers": {k: s.state_dict() for k, s in _schedulers(detector).items()},
         "rng": _rng_state(generator, device),
     }
+
+
+def _model_state(detector: Detector) -> dict:
+    """``detector.state_dict()`` with the keys of the bare networks (no DDP ``module.``)."""
+    with distributed.unwrapped(detector):
+        return detector.state_dict()
 
 
 def _move_aside(path: Path, tag: str) -> Path:
@@ -240,7 +248,8 @@ def data_prefetch(device: torch.device) -> int:
 def compile_networks(detector: Detector) -> None:
     """``train.compile``: ``torch.compile`` every network of ``detector`` in place
     (``nn.Module.compile``: the state_dict keys stay as they are), except f-AnoGAN's critic,
-    whose gradient penalty needs a double backward, which compiled graphs do not support."""
+    whose gradient penalty needs a double backward, which compiled graphs do not support.
+    Called on the bare networks, before :func:`sparsegan.distributed.wrap_networks`."""
     for name, module in detector.named_children():
         if name == "critic":
             continue
@@ -290,9 +299,12 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     detector = distributed.prepare_model(detector, device, dist)  # SyncBN (CUDA), broadcast
-    distributed.sync_gradients(detector.optimizers().values(), dist)
     if t.compile:
         compile_networks(detector)
+    wrapped = distributed.wrap_networks(detector, device, dist)  # DDP wrappers (N > 1 only)
+    if wrapped and main:
+        print(f"[train {variant}] DistributedDataParallel over {dist.world_size} processes: "
+              f"{', '.join(wrapped)}", file=sys.stderr)
     generator = torch.Generator().manual_seed(params.seed)
     config = config_hash(variant, params, image_size)
     data = data_fingerprint(images, processed_dir)
@@ -305,7 +317,8 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
     if distributed.broadcast_object(state is not None, dist) and not main:
         state = load_trusted(checkpoint, "training checkpoint", CHECKPOINT_KEYS)
     if state is not None:
-        detector.load_state_dict(state["model"])
+        with distributed.unwrapped(detector):  # the keys of the bare networks
+            detector.load_state_dict(state["model"])
         for name, opt in detector.optimizers().items():
             opt.load_state_dict(state["optimizers"][name])
         for name, sched in _schedulers(detector).items():
@@ -379,6 +392,7 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
             if log_mlflow:
                 mlflow.log_metrics(_row_metrics(row), step=epoch + 1)
 
+    distributed.unwrap_networks(detector)  # the DDP wrappers go before their process group
     if not main:
         distributed.teardown()
         return history

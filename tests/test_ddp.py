@@ -2,11 +2,18 @@
 
 The stage ``stages/train.py`` with ``train.nproc_per_node: 2`` re-launches itself under torchrun:
 two CPU processes (gloo), each reading its shard of every shuffled batch (4 of the global 8),
-gradients averaged before every optimizer step, rank 0 writing the checkpoint, the model and the
-MLflow run. Its model must equal the one of ``train_variant`` in one process with the same global
-batch. Batch norm would normalise each rank's 4 images with their own statistics (SyncBatchNorm
-exists on CUDA only), so the test uses ``model.norm: none``, where equality must hold up to float
-rounding. Also unit checks of the sharding (DistributedSampler's rule) and of the gradient hook.
+every network wrapped in DistributedDataParallel, rank 0 writing the checkpoint, the model and
+the MLflow run. Its model must equal the one of ``train_variant`` in one process with the same
+global batch. Batch norm would normalise each rank's 4 images with their own statistics
+(SyncBatchNorm exists on CUDA only), so the test uses ``model.norm: none``, where equality must
+hold up to float rounding.
+
+For every kind of detector (Sparse-GAN; AnoGAN and f-AnoGAN, whose per-rank z differ from a
+single process's), 2 gloo ranks check that the networks are DDP-wrapped while they train and that
+the DDP-trained detector equals a bare one whose gradients are averaged over the ranks by hand
+before each optimizer step: several forwards per backward, frozen networks called bare, the SRN's
+dictionary used outside ``forward`` and f-AnoGAN's gradient penalty (double backward) included.
+Also unit checks of the sharding (DistributedSampler's rule) and of the loss averaging.
 """
 
 from __future__ import annotations
@@ -70,6 +77,9 @@ def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(tmp_path
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "launching 2 processes" in proc.stderr  # the stage re-launched itself under torchrun
+    # rank 0 reports the DDP-wrapped networks, once
+    assert proc.stderr.count("DistributedDataParallel over 2 processes: encoder, decoder, "
+                             "discriminator, srn") == 1, proc.stderr[-3000:]
     assert proc.stdout.count("epoch 2/2") == 1  # rank 0 alone reports
     ddp = load_trusted(repo / "models" / VARIANT / "model.pt", "model", ("model",))["model"]
     history = json.loads((repo / "models" / VARIANT / "history.json").read_text())
@@ -136,22 +146,126 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _hook_worker(rank: int, port: int, out: str) -> None:
+def _setup_worker(rank: int, port: int) -> distributed.DistInfo:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
     info, _ = distributed.setup(torch.device("cpu"))
-    w = torch.nn.Parameter(torch.zeros(3))
-    opt = torch.optim.SGD([w], lr=1.0)
-    distributed.sync_gradients([opt], info)
-    w.grad = torch.full((3,), float(rank + 1))  # rank 0: 1, rank 1: 2 -> mean 1.5
-    opt.step()
-    losses = distributed.mean_losses({"a": float(rank)}, info)
-    torch.save({"w": w.detach(), "loss": losses["a"]}, f"{out}/{rank}.pt")
+    return info
+
+
+def _loss_worker(rank: int, port: int, out: str) -> None:
+    info = _setup_worker(rank, port)
+    losses = distributed.mean_losses({"a": float(rank), "b": 2.0}, info)
+    torch.save(losses, f"{out}/{rank}.pt")
     distributed.teardown()
 
 
-def test_gradient_hook_averages_over_ranks(tmp_path):
-    torch.multiprocessing.spawn(_hook_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+def test_losses_are_averaged_over_ranks(tmp_path):
+    torch.multiprocessing.spawn(_loss_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
     for rank in range(2):
-        got = torch.load(tmp_path / f"{rank}.pt")
-        assert torch.equal(got["w"], torch.full((3,), -1.5)) and got["loss"] == 0.5
+        assert torch.load(tmp_path / f"{rank}.pt") == {"a": 0.5, "b": 2.0}
+
+
+# variant -> (its phases, the networks DDP must wrap)
+DDP_VARIANTS = {
+    "sparse_gan": (["generator"] * 3, ["encoder", "decoder", "discriminator", "srn"]),
+    "anogan": (["gan"] * 3, ["generator", "discriminator"]),
+    # n_critic 2: G steps at critic steps 2 and 4; then the encoder phase (G and critic frozen)
+    "fanogan": (["gan"] * 4 + ["encoder"] * 2, ["generator", "critic", "encoder"]),
+}
+# batch norm (the default) included: per-rank statistics, for the DDP run and the reference alike
+DDP_PARAMS = {"seed": 5, "model": {"base_channels": 4, "norm": "batch"},
+              "train": {"lr": 1e-3}, "anogan": {"latent_dim": 8, "lr": 1e-3},
+              "fanogan": {"latent_dim": 8, "lr": 1e-3, "n_critic": 2}}
+
+
+def _average_gradients(optimizer, args, kwargs) -> None:
+    """The reference: each rank's gradients averaged over the ranks by hand before the step."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(2)
+
+
+def _variant_worker(rank: int, port: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sparsegan.models import build_detector
+
+    info = _setup_worker(rank, port)
+    params = parse_params(DDP_PARAMS)
+    device = torch.device("cpu")
+    result = {}
+    for variant, (phases, networks) in DDP_VARIANTS.items():
+        torch.manual_seed(params.seed)
+        ddp = distributed.prepare_model(build_detector(variant, params, 32), device, info)
+        torch.manual_seed(params.seed)
+        reference = distributed.prepare_model(build_detector(variant, params, 32), device, info)
+        initial = {k: v.clone() for k, v in reference.state_dict().items()}
+        wrapped = distributed.wrap_networks(ddp, device, info)
+        for opt in reference.optimizers().values():
+            opt.register_step_pre_hook(_average_gradients)
+        data = torch.Generator().manual_seed(100 + rank)  # each rank its own images
+        kinds = set()
+        for step, phase in enumerate(phases):
+            x = torch.rand(4, 1, 32, 32, generator=data) * 2 - 1
+            for detector in (ddp, reference):
+                torch.manual_seed(1000 * step + rank)  # the same per-rank z, alpha for both
+                losses = detector.train_step(x, phase)
+            kinds.add(tuple(type(getattr(ddp, n)).__name__ for n in networks))
+        with distributed.unwrapped(ddp):
+            inside = [type(getattr(ddp, n)) for n in networks]
+            state = {k: v.clone() for k, v in ddp.state_dict().items()}
+            parameters = [name for name, _ in ddp.named_parameters()]
+        # a checkpoint's model (bare keys) loads into a freshly wrapped detector, as on resume
+        torch.manual_seed(0)
+        resumed = build_detector(variant, params, 32)
+        distributed.wrap_networks(resumed, device, info)
+        with distributed.unwrapped(resumed):
+            resumed.load_state_dict(state)
+        reloaded = all(torch.equal(a, b) for a, b in zip(resumed.parameters(), ddp.parameters(),
+                                                          strict=True))
+        distributed.unwrap_networks(resumed)
+        result[variant] = {
+            "wrapped": wrapped, "kinds": sorted(kinds), "losses": losses, "reloaded": reloaded,
+            "parameters": parameters,
+            "wrapped_again": all(isinstance(getattr(ddp, n), DistributedDataParallel)
+                                 for n in networks),
+            "bare_inside": all(t is not DistributedDataParallel for t in inside),
+            "ddp": state, "reference": reference.state_dict(), "initial": initial}
+        distributed.unwrap_networks(ddp)
+    torch.save(result, f"{out}/{rank}.pt")
+    distributed.teardown()
+
+
+def test_every_variant_trains_ddp_wrapped_like_hand_averaged_gradients(tmp_path):
+    torch.multiprocessing.spawn(_variant_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    for variant, (_, networks) in DDP_VARIANTS.items():
+        for got in ranks:
+            assert got[variant]["wrapped"] == networks, variant
+            # DDP wrappers all along the training, bare networks inside `unwrapped` only
+            assert got[variant]["kinds"] == [tuple(["DistributedDataParallel"] * len(networks))]
+            assert got[variant]["wrapped_again"] and got[variant]["bare_inside"], variant
+            assert got[variant]["reloaded"], variant
+            ddp, reference = got[variant]["ddp"], got[variant]["reference"]
+            assert ddp.keys() == reference.keys()  # no "module." in the keys
+            moved = 0.0
+            for key, value in reference.items():
+                if value.is_floating_point():
+                    torch.testing.assert_close(ddp[key], value, atol=1e-6, rtol=1e-5,
+                                               msg=f"{variant} {key}")
+                    moved = max(moved, float((value - got[variant]["initial"][key]).abs().max()))
+                else:
+                    assert torch.equal(ddp[key], value), (variant, key)
+            assert moved > 1e-3, variant  # it trained, far beyond the tolerance
+        # the ranks saw different images, yet hold the same parameters: the gradients were
+        # averaged (without it the replicas would drift apart); BN statistics are per rank
+        assert any("running_mean" in key for key in ranks[0][variant]["ddp"]), variant
+        first, second = ranks[0][variant]["ddp"], ranks[1][variant]["ddp"]
+        for key in ranks[0][variant]["parameters"]:
+            torch.testing.assert_close(second[key], first[key], atol=1e-6, rtol=1e-5,
+                                       msg=f"{variant} {key}")
+        assert ranks[0][variant]["losses"] != ranks[1][variant]["losses"], variant

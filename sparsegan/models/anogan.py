@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from ..distributed import unwrap
 from ..params import AnoganParams, ModelParams
 from .anomaly import difference_map
 from .base import Detector, ScoreOutput
@@ -66,16 +67,19 @@ class AnoGAN(Detector):
         """One D step, then one G step (DCGAN, non-saturating G loss -log D(G(z)))."""
         if phase != "gan":
             raise ValueError(f"AnoGAN has only the 'gan' phase, got {phase!r}")
-        fake = self.generator(self.generator.sample_z(x.shape[0], x.device))  # (B, 1, S, S)
+        # (B, 1, S, S); self.generator is G's DDP wrapper when distributed (unwrap: the bare G)
+        fake = self.generator(unwrap(self.generator).sample_z(x.shape[0], x.device))
         # D: -[log D(x) + log(1 - D(G(z)))], real and fake in separate batches (own BN statistics)
         d_loss = discriminator_loss(self.discriminator(x)[0], self.discriminator(fake.detach())[0])
         opt_d = self._optimizers["discriminator"]
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
-        # G: -log D(G(z)) against the updated D; D's parameters need no gradient here
-        with frozen(self.discriminator, eval_mode=False):
-            g_loss = generator_adversarial_loss(self.discriminator(fake)[0])
+        # G: -log D(G(z)) against the updated D; D's parameters need no gradient here (the bare
+        # D, not its DDP wrapper: nothing to reduce)
+        discriminator = unwrap(self.discriminator)
+        with frozen(discriminator, eval_mode=False):
+            g_loss = generator_adversarial_loss(discriminator(fake)[0])
         opt_g = self._optimizers["generator"]
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()

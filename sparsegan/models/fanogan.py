@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..distributed import unwrap
 from ..params import FanoganParams, ModelParams
 from .anomaly import difference_map
 from .base import Detector, ScoreOutput
@@ -96,8 +97,13 @@ class FAnoGAN(Detector):
         "gp", "wasserstein" (mean D(x) - mean D(G(z))) and "g", the G objective -mean D(G(z)) on
         this step's fakes before the critic update, whether or not G is updated in this step.
         """
-        fake = self.generator(self.generator.sample_z(x.shape[0], x.device)).detach()
+        # when distributed, self.generator / self.critic are DDP wrappers and unwrap gives the
+        # bare networks: the critic's fakes need no gradient, so they come from the bare G
+        generator = unwrap(self.generator)
+        fake = generator(generator.sample_z(x.shape[0], x.device)).detach()
         d_real, d_fake = self.critic(x)[0], self.critic(fake)[0]  # (B,) each
+        # DDP works here: autograd.grad w.r.t. the images runs no parameter hook; the backward
+        # below reaches each critic parameter once (see sparsegan/distributed.py)
         gp = gradient_penalty(self.critic, x, fake)
         d_loss = d_fake.mean() - d_real.mean() + self.p.gp_weight * gp
         opt_d = self._optimizers["critic"]
@@ -106,9 +112,9 @@ class FAnoGAN(Detector):
         opt_d.step()
         self.critic_steps += 1
         if int(self.critic_steps) % self.p.n_critic == 0:
-            with frozen(self.critic):  # no batch norm in the critic: eval mode changes nothing
-                g_loss = -self.critic(self.generator(
-                    self.generator.sample_z(x.shape[0], x.device)))[0].mean()
+            critic = unwrap(self.critic)  # frozen: the bare critic, nothing for DDP to reduce
+            with frozen(critic):  # no batch norm in the critic: eval mode changes nothing
+                g_loss = -critic(self.generator(generator.sample_z(x.shape[0], x.device)))[0].mean()
             opt_g = self._optimizers["generator"]
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
@@ -119,9 +125,11 @@ class FAnoGAN(Detector):
 
     def izif(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-image pixel MSE A_R (B,), feature MSE A_D (B,) and G(E(x)) (B, 1, S, S)."""
-        reconstruction = self.generator(self.encoder(x))
+        # G and D are frozen wherever this runs: their bare networks, not DDP wrappers
+        generator, critic = unwrap(self.generator), unwrap(self.critic)
+        reconstruction = generator(self.encoder(x))
         image_mse = (x - reconstruction).pow(2).flatten(1).mean(dim=1)  # 1/n ||x - G(E(x))||^2
-        feat_x, feat_re = self.critic(x)[1], self.critic(reconstruction)[1]
+        feat_x, feat_re = critic(x)[1], critic(reconstruction)[1]
         feature_mse = (feat_x - feat_re).pow(2).flatten(1).mean(dim=1)  # 1/n_d ||f(x) - f(.)||^2
         return image_mse, feature_mse, reconstruction
 

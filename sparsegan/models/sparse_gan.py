@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed import unwrap
 from ..params import ModelParams, SrnParams, TrainParams
 from .anomaly import (anomaly_activation_map, difference_map, image_anomaly_score,
                       latent_anomaly_score)
@@ -77,8 +78,10 @@ class ReconstructionDetector(Detector):
 
     def sparsity_loss(self, latent: torch.Tensor) -> torch.Tensor:
         """L_sp = L_scl(W_d, S(H_in)): its gradient trains the SRN and reaches G_en."""
-        code = self.srn(latent)
-        return sparse_coding_loss(latent, code, self.srn.reconstruct(code), self.srn.l1)
+        code = self.srn(latent)  # through DDP's forward when distributed
+        # W_d (reconstruct) and l1 live on the bare SRN; W_d's gradient still reaches DDP's hooks
+        srn = unwrap(self.srn)
+        return sparse_coding_loss(latent, code, srn.reconstruct(code), srn.l1)
 
     def train_step(self, x: torch.Tensor, phase: str) -> dict[str, float]:
         t = self.train_params
@@ -97,9 +100,11 @@ class ReconstructionDetector(Detector):
         total = t.lambda_re * losses["re"]
         if self.discriminator is not None:
             # D's parameters need no gradient in the G step (saves D's weight-gradient convs);
-            # D stays in training mode (its batch statistics, as in the D step)
-            with frozen(self.discriminator, eval_mode=False):
-                losses["adv"] = generator_adversarial_loss(self.discriminator(reconstruction)[0])
+            # D stays in training mode (its batch statistics, as in the D step); the bare D, not
+            # its DDP wrapper (distributed): frozen, it has no gradient for DDP to reduce
+            discriminator = unwrap(self.discriminator)
+            with frozen(discriminator, eval_mode=False):
+                losses["adv"] = generator_adversarial_loss(discriminator(reconstruction)[0])
             total = total + t.lambda_adv * losses["adv"]
         if self.srn is not None:
             losses["sp"] = self.sparsity_loss(latent)
