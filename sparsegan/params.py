@@ -174,7 +174,7 @@ class AnoganParams:
     """AnoGAN (Schlegl et al. 2017): DCGAN, then a gradient search over z per test image."""
 
     latent_dim: int = _check(ge=1, default=64)
-    epochs: int = _check(ge=1, default=12)
+    epochs: int = _check(ge=1, default=30)
     lr: float = _check(gt=0.0, default=0.0002)
     search_steps: int = _check(ge=1, default=50)
     search_lr: float = _check(gt=0.0, default=0.05)
@@ -190,8 +190,8 @@ class FanoganParams:
     """f-AnoGAN (Schlegl et al. 2019): WGAN-GP, then an izif encoder with G and D frozen."""
 
     latent_dim: int = _check(ge=1, default=64)
-    epochs: int = _check(ge=1, default=12)
-    encoder_epochs: int = _check(ge=1, default=8)
+    epochs: int = _check(ge=1, default=30)
+    encoder_epochs: int = _check(ge=1, default=20)
     lr: float = _check(gt=0.0, default=0.0002)
     n_critic: int = _check(ge=1, default=5)
     gp_weight: float = _check(ge=0.0, default=10.0)
