@@ -155,6 +155,9 @@ class TrainParams:
     epochs: int = _check(ge=1, default=30)
     batch_size: int = _check(ge=1, default=32)
     lr: float = _check(gt=0.0, default=0.001)
+    # share of the epochs at the end over which lr falls linearly towards 0 (pix2pix's schedule:
+    # constant, then linear decay); 0: constant lr
+    lr_decay: float = _check(ge=0.0, le=1.0, default=0.5)
     beta1: float = _check(ge=0.0, le=1.0, default=0.5)
     lambda_re: float = _check(ge=0.0, default=20.0)
     lambda_adv: float = _check(ge=0.0, default=1.0)

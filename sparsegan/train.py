@@ -143,7 +143,7 @@ def load_trusted(path: Path, what: str, keys: tuple[str, ...],
 
 
 def _schedulers(detector: Detector) -> dict:
-    """LR schedulers of a variant that has any (``detector.schedulers()``); none today."""
+    """LR schedulers of a variant that has any (``detector.schedulers()``), stepped per epoch."""
     get = getattr(detector, "schedulers", None)
     return get() if callable(get) else {}
 
@@ -234,7 +234,7 @@ def _resume_state(checkpoint: Path, config: str, data: str, variant: str) -> dic
 
 def _row_metrics(row: dict) -> dict[str, float]:
     return {k: v for k, v in row.items()
-            if k.startswith("loss_") or k in ("images_per_s", "data_wait_share")}
+            if k.startswith(("loss_", "lr_")) or k in ("images_per_s", "data_wait_share")}
 
 
 def data_prefetch(device: torch.device) -> int:
@@ -377,7 +377,10 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
                 n_batches += 1
             seconds = time.perf_counter() - tic
             means = {f"loss_{k}": v / max(n_batches, 1) for k, v in sums.items()}
-            row = {"epoch": epoch + 1, "phase": phases[epoch], **means,
+            lrs = {f"lr_{k}": opt.param_groups[0]["lr"] for k, opt in detector.optimizers().items()}
+            for sched in _schedulers(detector).values():  # per epoch (pix2pix's schedule)
+                sched.step()
+            row = {"epoch": epoch + 1, "phase": phases[epoch], **means, **lrs,
                    "images_per_s": len(images) / seconds,
                    "data_wait_share": waited / seconds if seconds > 0 else 0.0}
             history.append(row)

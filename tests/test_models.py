@@ -19,7 +19,7 @@ from sparsegan.models.anomaly import (anomaly_activation_map, image_anomaly_scor
 from sparsegan.models.losses import discriminator_loss, sparse_coding_loss
 from sparsegan.models.networks import (Decoder, Encoder, SparsityRegularizationNet, latent_shape,
                                        num_blocks)
-from sparsegan.models.sparse_gan import CONFIGS, ReconstructionDetector
+from sparsegan.models.sparse_gan import CONFIGS, ReconstructionDetector, lr_schedule
 from sparsegan.params import ModelParams, TrainParams
 
 SMALL = 32  # image size of the training tests: 2 blocks, latent 8x8
@@ -261,6 +261,26 @@ def test_training_steps_lower_reconstruction_loss_on_a_fixed_batch(variant):
     assert all(math.isfinite(v) for v in re)
     assert re[-1] < 0.7 * re[0], re
     assert np.mean(re[-5:]) < np.mean(re[:5]), re
+
+
+def test_lr_schedule_is_pix2pix_constant_then_linear_decay():
+    f = lr_schedule(30, 0.5)  # 15 epochs at train.lr, then 15 falling to 1/16 of it
+    assert [f(e) for e in range(15)] == [1.0] * 15
+    assert f(15) == pytest.approx(15 / 16) and f(29) == pytest.approx(1 / 16)
+    assert all(f(e) - f(e + 1) == pytest.approx(1 / 16) for e in range(14, 29))
+    assert [lr_schedule(4, 0.0)(e) for e in range(4)] == [1.0] * 4  # 0: constant
+
+
+def test_schedulers_step_every_optimizer_of_a_variant():
+    det = make_detector("sparse_gan", epochs=4, lr=0.01, lr_decay=0.5).train()
+    lrs, x = [], layered_batch(4)
+    for _ in range(4):  # an "epoch" of one step, then the loop's per-epoch scheduler step
+        lrs.append({k: o.param_groups[0]["lr"] for k, o in det.optimizers().items()})
+        det.train_step(x, "generator")
+        for sched in det.schedulers().values():
+            sched.step()
+    assert [r["generator"] for r in lrs] == pytest.approx([0.01, 0.01, 0.01 * 2 / 3, 0.01 / 3])
+    assert [r["discriminator"] for r in lrs] == [r["generator"] for r in lrs]
 
 
 def _train_and_score(seed: int) -> torch.Tensor:

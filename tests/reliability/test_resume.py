@@ -138,7 +138,11 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, guard, 
     assert len(client.search_runs([run.info.experiment_id])) == 1
     history = json.loads((repo / "models" / variant / "history.json").read_text())
     n_epochs = len(history)
-    for key in {k for row in history for k in row if k.startswith("loss_")}:
+    if variant == "sparse_gan":  # pix2pix's lr schedule (train.lr_decay 0.5 of 4 epochs) resumed
+        lr = load_params(params_file).train.lr
+        for name in ("generator", "discriminator"):
+            assert [r[f"lr_{name}"] for r in history] == pytest.approx([lr, lr, lr * 2 / 3, lr / 3])
+    for key in {k for row in history for k in row if k.startswith(("loss_", "lr_"))}:
         steps = [m.step for m in client.get_metric_history(run_id, key)]
         expected = [r["epoch"] for r in history if key in r]
         assert sorted(steps) == expected, (key, steps)
