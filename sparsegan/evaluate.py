@@ -127,7 +127,7 @@ def evaluate_variant(variant: str, scores_dir: Path, report_dir: Path,
     if test_masks is not None:
         maps = np.load(scores_dir / "test_maps.npz")
         diseased = labels == 1
-        for name in ("difference", "aam"):
+        for name in ("difference", "aam", "aam_residual"):
             if name in maps:
                 metrics[f"pixel_auroc_{name}"] = pixel_auroc(
                     maps[name][diseased].astype(np.float32), test_masks[diseased])

@@ -15,7 +15,7 @@ from sklearn.linear_model import Lasso
 from torch import nn
 
 from sparsegan.models.anomaly import (anomaly_activation_map, image_anomaly_score,
-                                      latent_anomaly_score)
+                                      latent_anomaly_score, residual_activation_map)
 from sparsegan.models.losses import discriminator_loss, sparse_coding_loss
 from sparsegan.models.networks import (Decoder, Encoder, SparsityRegularizationNet, latent_shape,
                                        num_blocks)
@@ -221,7 +221,7 @@ def test_score_computes_h_re_with_the_same_encoder_module(variant, calls):
         with torch.no_grad():
             expected = (det.encoder(x) - det.encoder(out.reconstruction)).flatten(1).norm(dim=1)
         torch.testing.assert_close(out.score, expected)
-        assert set(out.maps) == {"difference", "aam"}
+        assert set(out.maps) == {"difference", "aam", "aam_residual"}
     else:
         expected = (x - out.reconstruction).square().flatten(1).mean(1)
         torch.testing.assert_close(out.score, expected)
@@ -319,6 +319,29 @@ def test_aam_is_highest_where_the_latent_residual_is():
     row, col = divmod(idx, size)
     scale = size // hw
     assert r * scale <= row < (r + 1) * scale and q * scale <= col < (q + 1) * scale, (row, col)
+
+
+def test_residual_map_is_highest_where_the_residual_is_and_the_paper_aam_where_h_in_is():
+    c, hw, size = 4, 8, 64
+    g = torch.Generator().manual_seed(0)
+    h_in = torch.rand(1, c, hw, hw, generator=g) + 0.5
+    h_re = h_in.clone()
+    c0, strong, changed = 1, (1, 1), (6, 5)
+    h_in[0, c0], h_re[0, c0] = 1.0, 1.0
+    h_in[0, c0, strong[0], strong[1]] += 20.0  # a strong response that reconstruction keeps
+    h_re[0, c0, strong[0], strong[1]] += 20.0
+    h_in[0, c0, changed[0], changed[1]] += 5.0  # the residual: weight W_aam[c0] = 5 / 64
+    scale = size // hw
+
+    def peak(m: torch.Tensor) -> tuple[int, int]:
+        row, col = divmod(int(m.flatten().argmax()), size)
+        return row // scale, col // scale
+
+    residual = residual_activation_map(h_in, h_re, size)
+    assert residual.shape == (1, 1, size, size)
+    assert float(residual.min()) == 0.0 and float(residual.max()) == 1.0
+    assert peak(residual) == changed
+    assert peak(anomaly_activation_map(h_in, h_re, size)) == strong  # eq. 8 x H_in: the response
 
 
 def test_latent_anomaly_score_is_the_l2_norm_of_the_flattened_difference():

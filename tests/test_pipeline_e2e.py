@@ -73,6 +73,7 @@ def test_repro_writes_metrics_for_every_variant(pipeline: Path):
         assert m["test_images_per_s"] > 0
     for variant in ("pix2pix_latent", "sparse_gan"):
         assert 0.0 <= metrics[variant]["pixel_auroc_aam"] <= 1.0
+        assert 0.0 <= metrics[variant]["pixel_auroc_aam_residual"] <= 1.0
     table = (pipeline / "reports/table1.md").read_text()
     assert "Sparse-GAN" in table and "0.925" in table  # the paper's number beside ours
     for variant in VARIANTS:

@@ -34,15 +34,38 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     return ((flat - lo[:, None]) / (hi - lo).clamp_min(1e-12)[:, None]).view_as(maps)
 
 
+def aam_weights(latent: torch.Tensor, latent_re: torch.Tensor) -> torch.Tensor:
+    """W_aam = |GAP(H_in) - GAP(H_re)| (eq. 8): (B, C, h, w) twice -> (B, C)."""
+    return (latent.mean(dim=(2, 3)) - latent_re.mean(dim=(2, 3))).abs()
+
+
+def _channel_weighted_map(weights: torch.Tensor, features: torch.Tensor,
+                          size: int) -> torch.Tensor:
+    """sum_c weights[c] * features[c], upsampled bilinearly to (B, 1, size, size), in [0, 1]."""
+    heat = torch.einsum("bc,bchw->bhw", weights, features)[:, None]  # (B, 1, h, w)
+    heat = F.interpolate(heat, size=(size, size), mode="bilinear", align_corners=False)
+    return normalize_maps(heat)
+
+
 def anomaly_activation_map(latent: torch.Tensor, latent_re: torch.Tensor,
                            size: int) -> torch.Tensor:
-    """AAM: (B, C, h, w) H_in and H_re -> (B, 1, size, size) in [0, 1].
+    """AAM (the paper): (B, C, h, w) H_in and H_re -> (B, 1, size, size) in [0, 1].
 
-    W_aam = |GAP(H_in) - GAP(H_re)| (eq. 8) weighs each latent channel by how much its global
-    response changed under reconstruction; AAM = sum_c W_aam[c] * H_in[c], upsampled bilinearly
-    to the input size and min-max normalised per image.
+    W_aam (eq. 8) weighs each latent channel by how much its global response changed under
+    reconstruction; AAM = sum_c W_aam[c] * H_in[c], upsampled bilinearly to the input size and
+    min-max normalised per image.
     """
-    weights = (latent.mean(dim=(2, 3)) - latent_re.mean(dim=(2, 3))).abs()  # (B, C), eq. 8
-    aam = torch.einsum("bc,bchw->bhw", weights, latent)[:, None]  # (B, 1, h, w)
-    aam = F.interpolate(aam, size=(size, size), mode="bilinear", align_corners=False)
-    return normalize_maps(aam)
+    return _channel_weighted_map(aam_weights(latent, latent_re), latent, size)
+
+
+def residual_activation_map(latent: torch.Tensor, latent_re: torch.Tensor,
+                            size: int) -> torch.Tensor:
+    """Our addition, not the paper's: sum_c W_aam[c] * |H_in[c] - H_re[c]|, the same W_aam on the
+    latent *residual* that eq. 4 sums, so the map is high where the score comes from.
+
+    Why: the paper's product with H_in shows where the changed channels *respond*, which need not
+    be the lesion. On the default synthetic run Sparse-GAN's AAM had pixel AUROC 0.22 against the
+    lesion masks of the validation scans (it lit up the dark background), this map 0.87 and the
+    image difference 0.78 (a check on the validation set; README).
+    """
+    return _channel_weighted_map(aam_weights(latent, latent_re), (latent - latent_re).abs(), size)

@@ -17,7 +17,8 @@ from torch import nn
 class ScoreOutput:
     """``score``: (B,) anomaly score, higher = more anomalous.
     ``maps``: name -> (B, 1, S, S) anomaly maps in the input's resolution; every variant gives
-    ``"difference"`` (|I_in - I_re|); latent variants also give ``"aam"`` (eq. 8).
+    ``"difference"`` (|I_in - I_re|); latent variants also give ``"aam"`` (eq. 8) and
+    ``"aam_residual"`` (the same weights on |H_in - H_re|).
     ``reconstruction``: (B, 1, S, S) in [-1, 1]."""
 
     score: torch.Tensor

@@ -23,7 +23,7 @@ import torch
 from ..distributed import unwrap
 from ..params import ModelParams, SrnParams, TrainParams
 from .anomaly import (anomaly_activation_map, difference_map, image_anomaly_score,
-                      latent_anomaly_score)
+                      latent_anomaly_score, residual_activation_map)
 from .base import Detector, ScoreOutput
 from .gan_parts import frozen
 from .losses import (discriminator_loss, generator_adversarial_loss, reconstruction_loss,
@@ -151,7 +151,8 @@ class ReconstructionDetector(Detector):
         if self.config.score_level == "latent":
             latent_re = self.encoder(reconstruction)  # H_re = E(I_re), E = G_en
             score = latent_anomaly_score(latent, latent_re)  # eq. 4
-            maps["aam"] = anomaly_activation_map(latent, latent_re, x.shape[-1])
+            maps["aam"] = anomaly_activation_map(latent, latent_re, x.shape[-1])  # eq. 8
+            maps["aam_residual"] = residual_activation_map(latent, latent_re, x.shape[-1])
         else:
             score = image_anomaly_score(x, reconstruction)
         return ScoreOutput(score=score, reconstruction=reconstruction, maps=maps)
