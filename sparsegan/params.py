@@ -41,10 +41,12 @@ class ParamError(ValueError):
 
 
 def _check(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
-           choices: tuple[str, ...] | None = None, default: Any = dataclasses.MISSING,
-           default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with a range or a set of allowed values, checked at load time."""
-    kw: dict[str, Any] = {"metadata": {"ge": ge, "gt": gt, "le": le, "choices": choices}}
+           choices: tuple[str, ...] | None = None, parse: Any = None,
+           default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a range or a set of allowed values, checked at load time;
+    ``parse(value, key)`` converts a value that no plain type describes (e.g. number or mapping)."""
+    kw: dict[str, Any] = {"metadata": {"ge": ge, "gt": gt, "le": le, "choices": choices,
+                                       "parse": parse}}
     if default is not dataclasses.MISSING:
         kw["default"] = default
     if default_factory is not dataclasses.MISSING:
@@ -82,13 +84,40 @@ class Oct2017Params:
     retries: int = _check(ge=0, default=5)
 
 
+def _per_disease(value: Any, key: str) -> int | dict[str, int]:
+    """A count for every disease class, or a mapping ``{CNV: 150, DME: 18}`` (other classes: 0)."""
+    def count(v: Any, k: str) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ParamError(f"params.yaml: {k} = {v!r}: must be a whole number >= 0")
+        return v
+    if isinstance(value, dict):
+        out = {}
+        for cls, v in value.items():
+            if str(cls).upper() not in DISEASES:
+                raise ParamError(f"params.yaml: {key}.{cls}: not a disease class; allowed "
+                                 f"{', '.join(DISEASES)}")
+            out[str(cls).upper()] = count(v, f"{key}.{cls}")
+        return out
+    if count(value, key) < 1:
+        raise ParamError(f"params.yaml: {key} = {value!r}: must be >= 1 (or a mapping per class, "
+                         f"e.g. {{CNV: 100, DME: 0}})")
+    return value
+
+
 @dataclass(frozen=True)
 class SplitParams:
-    """How train/val/test are drawn (DESIGN.md section 2). The paper uses 1,000 per class in val."""
+    """How train/val/test are drawn (docs/design.md, Data). The paper uses 1,000 per class in val.
+
+    ``val_per_disease``: a number (each disease class present gets that many validation images;
+    a class with no image at all is left out) or a mapping per class (a class not named gets none).
+    ``seed`` draws the split; the top-level ``seed`` is the training seed, so that training seeds
+    can be compared on one split.
+    """
 
     protocol: str = _check(choices=("patient", "paper"), default="patient")
+    seed: int = 0
     val_normal: int = _check(ge=1, default=1000)
-    val_per_disease: int = _check(ge=1, default=1000)
+    val_per_disease: int | dict[str, int] = _check(parse=_per_disease, default=1000)
     test_per_class: int = _check(ge=0, default=0)  # patient protocol only; 0: as many as official test
 
 
@@ -96,6 +125,7 @@ class SplitParams:
 class DataParams:
     source: str = _check(choices=("synthetic", "oct2017", "folder"), default="synthetic")
     folder: str = ""  # data.source=folder: the user's OCT2017 copy, used in place
+    patients: str = ""  # data.source=folder: a patients.csv (file, patient); "": look in the tree
     image_size: int = _check(ge=16, default=64)
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     oct2017: Oct2017Params = field(default_factory=Oct2017Params)
@@ -263,6 +293,8 @@ def _parse(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _convert(hint: Any, value: Any, key: str, meta: typing.Mapping[str, Any]) -> Any:
+    if meta.get("parse"):
+        return meta["parse"](value, key)
     if dataclasses.is_dataclass(hint):
         return _parse(hint, value, key)
     origin = typing.get_origin(hint)

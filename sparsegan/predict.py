@@ -49,7 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp"})
+from .data import IMAGE_EXTENSIONS
+
 
 
 class UsageError(Exception):

@@ -13,7 +13,7 @@ from sparsegan.params import load_params
 def main(raw_dir: str = "data/raw", out_dir: str = "data/splits") -> None:
     params = load_params()
     manifest = pd.read_csv(Path(raw_dir) / "manifest.csv", keep_default_na=False, dtype=str)
-    splits = make_splits(manifest, Path(raw_dir), params.data.split, params.seed)
+    splits = make_splits(manifest, Path(raw_dir), params.data.split, params.data.split.seed)
     write_splits(splits, Path(out_dir))
 
 

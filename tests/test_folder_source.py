@@ -107,20 +107,100 @@ def test_misnamed_files_are_skipped_and_reported(tmp_path, caplog):
     root = tmp_path / "OCT2017"
     make_tree(root, {"train": TRAIN, "test": TEST})
     _jpeg(root / "train" / "NORMAL" / "DME-555-1.jpeg", 1)  # name says DME, folder NORMAL
-    _jpeg(root / "train" / "CNV" / "scan_0001.jpeg", 2)  # no <CLASS>-<id>-<n> pattern
+    _jpeg(root / "train" / "CNV" / "scan_0001.jpeg", 2)  # any name is taken: patient unknown
+    (root / "train" / "CNV" / "notes.txt").write_text("not an image")
     _jpeg(root / "train" / "PNEUMONIA" / "PNEUMONIA-1-1.jpeg", 3)  # unknown class folder
     _jpeg(root / "test" / "loose-1-1.jpeg", 4)  # outside a class folder
     (root / "test" / "DME" / "._DME-1-1.jpeg").write_bytes(b"appledouble")  # hidden: ignored
     with caplog.at_level(logging.WARNING):
         df = folder_manifest(str(tmp_path), tmp_path / "m")
-    assert len(df) == sum(TRAIN.values()) + sum(TEST.values())
-    assert not df["path"].str.contains("DME-555|scan_0001|PNEUMONIA|loose|\\._").any()
+    assert len(df) == sum(TRAIN.values()) + sum(TEST.values()) + 1
+    assert not df["path"].str.contains("DME-555|notes|PNEUMONIA|loose|\\._").any()
+    row = df[df["path"].str.endswith("scan_0001.jpeg")].iloc[0]
+    assert (row["class"], row["patient"]) == ("CNV", "")
+    assert df.attrs["patient_from"] == {"file name": len(df) - 1, "patients.csv": 0, "unknown": 1}
     skipped = {Path(p).name: why for p, why in df.attrs["skipped"]}
-    assert set(skipped) == {"DME-555-1.jpeg", "scan_0001.jpeg", "PNEUMONIA", "loose-1-1.jpeg"}
+    assert set(skipped) == {"DME-555-1.jpeg", "notes.txt", "PNEUMONIA", "loose-1-1.jpeg"}
     assert skipped["DME-555-1.jpeg"] == "name says DME but the folder says NORMAL"
-    assert "does not match" in skipped["scan_0001.jpeg"]
+    assert skipped["notes.txt"].startswith("not an image file (.bmp .jpeg .jpg .png")
     assert "unknown class folder" in skipped["PNEUMONIA"]
     assert "skipped 4 entries" in caplog.text and "DME-555-1.jpeg" in caplog.text
+
+
+def _png(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (20, 10), color=value).save(path, "PNG")
+
+
+def _any_names_tree(root: Path) -> None:
+    """Renamed files (no OCT2017 names) in lower/upper/mixed-case class folders, no DME at all."""
+    for i in range(6):
+        _jpeg(root / "train" / "normal" / f"normal_train_{i}.jpg", i)
+    _jpeg(root / "train" / "normal" / "NORMAL-777-1.jpeg", 40)  # an OCT2017 name among them
+    for i in range(3):
+        _png(root / "train" / "Cnv" / f"cnv_{i}.png", 10 + i)
+    _jpeg(root / "train" / "DRUSEN" / "d0.jpeg", 20)
+    _jpeg(root / "test" / "NORMAL" / "t_normal.JPG", 30)
+    _png(root / "test" / "cnv" / "t_cnv.PNG", 31)
+
+
+def test_arbitrary_names_any_case_missing_class_without_patients_csv(tmp_path):
+    root = tmp_path / "mydata"
+    _any_names_tree(root)
+    before = snapshot(root)
+    df = folder_manifest(str(root), tmp_path / "raw")
+    counts = df.groupby(["official_split", "class"]).size().to_dict()
+    assert counts == {("train", "NORMAL"): 7, ("train", "CNV"): 3, ("train", "DRUSEN"): 1,
+                      ("test", "NORMAL"): 1, ("test", "CNV"): 1}  # no DME anywhere: fine
+    assert df.loc[df["path"].str.endswith("NORMAL-777-1.jpeg"), "patient"].tolist() == ["777"]
+    assert (df.loc[~df["path"].str.endswith("NORMAL-777-1.jpeg"), "patient"] == "").all()
+    assert df.attrs["patient_from"] == {"file name": 1, "patients.csv": 0, "unknown": 12}
+    assert df["path"].str.contains("/train/Cnv/cnv_0.png").any()  # the folder as it is on disk
+    assert snapshot(root) == before
+
+
+def test_patients_csv_in_the_tree_and_named_by_param(tmp_path):
+    root = tmp_path / "mydata"
+    _any_names_tree(root)
+    # in the tree's root: paths relative to it, or bare names when unique
+    (root / "patients.csv").write_text("file,patient\n"
+                                       "train/normal/normal_train_0.jpg,P1\n"
+                                       "normal_train_1.jpg,P1\n"
+                                       "cnv_2.png,P9\n"
+                                       "NORMAL-777-1.jpeg,ignored\n")
+    df = folder_manifest(str(root), tmp_path / "raw")
+    patient = dict(zip(df["path"].map(lambda p: Path(p).name), df["patient"]))
+    assert patient["normal_train_0.jpg"] == patient["normal_train_1.jpg"] == "P1"
+    assert patient["cnv_2.png"] == "P9"
+    assert patient["NORMAL-777-1.jpeg"] == "777"  # an OCT2017 name comes first
+    assert patient["normal_train_2.jpg"] == ""
+    assert df.attrs["patient_from"] == {"file name": 1, "patients.csv": 3, "unknown": 9}
+    assert not df["path"].str.endswith("patients.csv").any()
+
+    # named by data.patients, anywhere (outside the tree): keys relative to that file's folder
+    elsewhere = tmp_path / "meta" / "groups.csv"
+    elsewhere.parent.mkdir()
+    elsewhere.write_text("file,patient\nt_cnv.PNG,Q\nt_normal.JPG,Q\n")
+    df = folder_manifest(str(root), tmp_path / "raw", patients=str(elsewhere))
+    patient = dict(zip(df["path"].map(lambda p: Path(p).name), df["patient"]))
+    assert patient["t_cnv.PNG"] == patient["t_normal.JPG"] == "Q"
+    assert patient["normal_train_0.jpg"] == ""  # the tree's own patients.csv is not read then
+
+    with pytest.raises(Oct2017NotFoundError, match="data.patients = .*nope.csv.*no such file"):
+        folder_manifest(str(root), tmp_path / "raw", patients=str(tmp_path / "nope.csv"))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,id\na,b\n")
+    with pytest.raises(Oct2017NotFoundError, match="bad.csv: missing column.*file, patient"):
+        folder_manifest(str(root), tmp_path / "raw", patients=str(bad))
+
+
+def test_patients_csv_bare_name_that_is_not_unique_is_an_error(tmp_path):
+    root = tmp_path / "mydata"
+    _any_names_tree(root)
+    _jpeg(root / "test" / "NORMAL" / "normal_train_0.jpg", 50)  # same name as a train file
+    (root / "patients.csv").write_text("file,patient\nnormal_train_0.jpg,P1\n")
+    with pytest.raises(Oct2017NotFoundError, match="more than one file has that name"):
+        folder_manifest(str(root), tmp_path / "raw")
 
 
 def test_paths_relative_inside_manifest_dir(tmp_path):

@@ -213,3 +213,59 @@ def test_manifest_csv_roundtrip_and_numeric_patient_ids(manifest, tmp_path):
     assert kept.loc[kept["path"] == orphan, "patient"].tolist() == [""]
     tr, va, te = (set(b[k]["path"]) for k in ("train", "val", "test"))
     assert not tr & va and not tr & te and not va & te
+
+
+@pytest.mark.parametrize("protocol", ["paper", "patient"])
+def test_val_per_disease_mapping_per_class(manifest, tmp_path, protocol):
+    p = SplitParams(protocol=protocol, val_normal=10, val_per_disease={"CNV": 15, "DME": 5})
+    s = make_splits(manifest, tmp_path, p, seed=0)
+    val = s["val"]["class"].value_counts().to_dict()
+    assert val.get("DRUSEN", 0) == 0  # not named in the mapping: none in validation
+    if protocol == "paper":  # exact by image
+        assert (val["CNV"], val["DME"], val["NORMAL"]) == (15, 5, 10)
+    else:  # whole patients of 5 images: as near as patients allow
+        assert (val["CNV"], val["DME"], val["NORMAL"]) == (15, 5, 10)
+    assert set(s["train"]["class"]) == {"NORMAL"}
+
+
+@pytest.mark.parametrize("protocol", ["paper", "patient"])
+def test_missing_class_is_fine_with_a_number(manifest, tmp_path, protocol):
+    no_dme = manifest[manifest["class"] != "DME"]
+    s = make_splits(no_dme, tmp_path, SplitParams(protocol=protocol, val_normal=10,
+                                                  val_per_disease=5), seed=0)
+    val = s["val"]["class"].value_counts().to_dict()
+    assert "DME" not in val and val["CNV"] == 5 and val["DRUSEN"] >= 5
+    assert not (s["test"]["class"] == "DME").any()
+
+
+@pytest.mark.parametrize("protocol", ["paper", "patient"])
+def test_too_few_files_names_the_class_its_count_and_the_param(manifest, tmp_path, protocol):
+    no_dme = manifest[manifest["class"] != "DME"]
+    with pytest.raises(ParamError) as exc:  # asked for by name, but absent
+        make_splits(no_dme, tmp_path, SplitParams(protocol=protocol, val_normal=10,
+                                                  val_per_disease={"DME": 3}), seed=0)
+    assert "data.split.val_per_disease.DME = 3" in str(exc.value)
+    assert "only 0 DME images" in str(exc.value)
+    have = 60 if protocol == "paper" else 50  # patient: 2 test patients' images dropped
+    with pytest.raises(ParamError) as exc:
+        make_splits(manifest, tmp_path, SplitParams(protocol=protocol, val_normal=10,
+                                                    val_per_disease={"CNV": 61}), seed=0)
+    assert f"data.split.val_per_disease.CNV = 61" in str(exc.value)
+    assert f"only {have} CNV images" in str(exc.value)
+
+
+def test_unknown_patients_are_counted_in_the_summary(manifest, tmp_path):
+    m = manifest.copy()
+    anonymous = m["official_split"].eq("train") & m["class"].eq("NORMAL")
+    m.loc[anonymous, "patient"] = ""  # 60 NORMAL train files without a patient
+    s = make_splits(m, tmp_path, SplitParams(val_normal=12, val_per_disease=5), seed=0)
+    summary = write_splits(s, tmp_path / "splits")
+    unknown = summary["unknown_patient_files"]
+    assert unknown == {"train": 48, "val": 12, "test": 0}  # 12 single-file groups in val
+    assert "by file only" in summary["unknown_patient_note"]
+    assert json.loads((tmp_path / "splits" / "summary.json").read_text())["unknown_patient_files"] == unknown
+    clean = write_splits(make_splits(manifest, tmp_path, SplitParams(val_normal=12,
+                                                                     val_per_disease=5), seed=0),
+                         tmp_path / "clean")
+    assert clean["unknown_patient_files"] == {"train": 0, "val": 0, "test": 0}
+    assert "unknown_patient_note" not in clean

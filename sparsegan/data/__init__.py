@@ -5,7 +5,8 @@ Only the first stage (``stages/acquire.py``) knows where images come from. Every
 
 ``path``            image file; relative paths are relative to the manifest's folder
 ``class``           NORMAL, CNV, DME or DRUSEN
-``patient``         patient id (the ``<patientID>`` of ``<CLASS>-<patientID>-<imageNo>.jpeg``)
+``patient``         patient id (the ``<patientID>`` of ``<CLASS>-<patientID>-<imageNo>.jpeg``, or
+                    from a ``patients.csv``); empty when unknown
 ``official_split``  ``train`` or ``test`` (Kaggle's small ``val`` folder is merged into test)
 ``mask``            lesion mask PNG (same size as the image, nonzero = lesion), or empty
 
@@ -15,3 +16,6 @@ open from the repository root). The preprocess stage writes, per split, ``data/p
 (uint8, shape ``[N, 1, S, S]``), ``<split>_masks.npy`` (uint8 0/1, same shape, when the source has
 masks), ``<split>.csv`` (the rows kept, in array order) and ``skipped.csv`` (file, reason).
 """
+
+# Image files every source and ``sparsegan predict`` read (any case).
+IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp"})

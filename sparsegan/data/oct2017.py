@@ -11,7 +11,9 @@ official_split, mask``):
     (the archive may then be deleted to save space). Paths in the manifest are relative to
     ``<raw>``.
 ``data.source=folder``   :func:`folder_manifest` indexes the user's existing copy *in place*
-    (never copied, moved or modified): manifest paths are absolute.
+    (never copied, moved or modified): manifest paths are absolute. Any tree
+    ``<root>/<split>/<CLASS>/<any image file>`` works (class folders in any case, classes may be
+    missing); patients come from OCT2017 names, else from a ``patients.csv`` (``data.patients``).
 
 Layouts found by :func:`find_oct2017_root`: Kaggle ``kermany2018`` (folder ``OCT2017 `` with a
 trailing space, ``train/ test/ val/``; the 32-image ``val`` is part of the official test set and is
@@ -41,12 +43,14 @@ import logging
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import pandas as pd
 
+from sparsegan.data import IMAGE_EXTENSIONS
 from sparsegan.data.download import download, safe_extract
 from sparsegan.params import CLASSES, DISEASES, Oct2017Params
 
@@ -76,8 +80,10 @@ _ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 _SKIP_DIRS = {"chest_xray", "__MACOSX"}
 MARKER = ".extracted.json"
 
-_NAME = re.compile(r"^(?P<cls>[A-Za-z]+)-(?P<patient>[0-9A-Za-z]+)-(?P<no>\d+)\.(?:jpe?g)$",
-                   re.IGNORECASE)
+# An OCT2017 file name: <CLASS>-<patientID>-<imageNo>.<ext>; its patient is trusted when the
+# class matches the folder. Any other name is taken too, its patient from patients.csv.
+_NAME = re.compile(r"^(?P<cls>[A-Za-z]+)-(?P<patient>[0-9A-Za-z]+)-(?P<no>\d+)\.[A-Za-z]+$")
+PATIENTS_CSV = "patients.csv"
 _IGNORED_FILES = {"thumbs.db", "desktop.ini"}
 _MAX_DEPTH = 4
 
@@ -172,25 +178,100 @@ def _manifest_path(image: str, manifest_dir: str) -> str:
     return PurePosixPath(*Path(rel).parts).as_posix()
 
 
-def build_manifest(root_train: Path, test_dirs: list[Path], manifest_dir: Path) -> pd.DataFrame:
-    """Index ``<split>/<CLASS>/<CLASS>-<patient>-<n>.jpeg`` files into a manifest DataFrame.
+def read_patients_csv(path: Path) -> dict[str, str]:
+    """``patients.csv`` (columns ``file, patient``) -> {file: patient}.
 
-    The class comes from the folder. Skipped and reported (``df.attrs["skipped"]``: a list of
-    ``(path, reason)``, also logged as a warning): files whose name does not follow the pattern,
-    files whose name's class disagrees with their folder, folders that are not one of
-    CNV/DME/DRUSEN/NORMAL, files outside a class folder, nested folders. Hidden files
-    (``.DS_Store``, macOS ``._*``), ``Thumbs.db`` and ``desktop.ini`` are ignored silently.
-    Paths are absolute when the images lie outside ``manifest_dir``, else relative to it. Nothing
-    is written: the images are read in place.
+    ``file`` is a path relative to the CSV's folder (``train/NORMAL/scan_1.jpg``) or a bare file
+    name (``scan_1.jpg``), which then must be unique in the tree. Errors name the file and row.
+    """
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise Oct2017NotFoundError(f"{path}: not a readable patients.csv "
+                                   f"({' '.join(str(exc).split())[:120]})") from None
+    missing = {"file", "patient"} - set(table.columns)
+    if missing:
+        raise Oct2017NotFoundError(f"{path}: missing column(s) {', '.join(sorted(missing))}; a "
+                                   f"patients.csv has the columns file, patient (one row per image)")
+    out: dict[str, str] = {}
+    for i, (file, patient) in enumerate(zip(table["file"], table["patient"]), start=2):
+        key = PurePosixPath(file.strip().replace("\\", "/")).as_posix()
+        if not key or key == ".":
+            raise Oct2017NotFoundError(f"{path}, line {i}: empty file name")
+        if key in out and out[key] != patient.strip():
+            raise Oct2017NotFoundError(f"{path}, line {i}: {key!r} is listed twice with different "
+                                       f"patients ({out[key]!r}, {patient.strip()!r})")
+        out[key] = patient.strip()
+    return out
+
+
+class _PatientLookup:
+    """Patients of files from ``patients.csv`` tables, each keyed relative to its own folder."""
+
+    def __init__(self, tables: list[tuple[Path, dict[str, str]]]):
+        self.tables = [(Path(os.path.abspath(folder)), t) for folder, t in tables]
+        self.by_name: dict[str, list[tuple[str, Path]]] = {}
+        for folder, table in self.tables:
+            for key, patient in table.items():
+                if "/" not in key:
+                    self.by_name.setdefault(key, []).append((patient, folder))
+
+    def __call__(self, image: Path, same_name: int) -> str:
+        """The patient of ``image`` ("" if not listed); ``same_name``: files in the tree with
+        its name (a bare-name entry must be unambiguous)."""
+        for folder, table in self.tables:
+            rel = os.path.relpath(image, folder)
+            if not rel.startswith(os.pardir):
+                key = PurePosixPath(*Path(rel).parts).as_posix()
+                if key in table:
+                    return table[key]
+        hits = self.by_name.get(image.name, [])
+        if hits and (len(hits) > 1 or same_name > 1):
+            raise Oct2017NotFoundError(
+                f"patients.csv names {image.name!r} without a folder, and more than one file has "
+                f"that name ({image}, ...): write its path relative to the CSV's folder, e.g. "
+                f"train/NORMAL/{image.name}")
+        return hits[0][0] if hits else ""
+
+
+def build_manifest(root_train: Path, test_dirs: list[Path], manifest_dir: Path,
+                   patients: Path | None = None) -> pd.DataFrame:
+    """Index ``<split>/<CLASS>/<any image file>`` into a manifest DataFrame.
+
+    The class comes from the folder, matched without regard to case; a class may be missing.
+    Every file type of :data:`sparsegan.data.IMAGE_EXTENSIONS` is taken, whatever its name. The
+    patient is the ``<patientID>`` of an OCT2017 name ``<CLASS>-<patientID>-<imageNo>.<ext>``,
+    else the ``patients.csv`` entry (``patients`` if given, else ``patients.csv`` files found in
+    the tree's root and in its split folders), else empty (unknown: the split then treats the file
+    as a patient of its own). The per-file source is in ``df.attrs["patient_from"]`` counts.
+
+    Skipped and reported (``df.attrs["skipped"]``: a list of ``(path, reason)``, also logged as a
+    warning): files that are not images, OCT2017 names whose class disagrees with their folder,
+    folders that are not one of CNV/DME/DRUSEN/NORMAL, files outside a class folder, nested
+    folders. Hidden files, ``Thumbs.db``, ``desktop.ini`` and ``patients.csv`` are ignored
+    silently. Paths are absolute when the images lie outside ``manifest_dir``, else relative to
+    it. Nothing is written: the images are read in place.
     """
     mdir = os.path.abspath(manifest_dir)
-    rows: list[tuple[str, str, str, str, str]] = []
+    root_train = Path(root_train)
+    tables: list[tuple[Path, dict[str, str]]] = []
+    if patients is not None:
+        if not Path(patients).is_file():
+            raise Oct2017NotFoundError(f"data.patients = {str(patients)!r}: no such file; it "
+                                       f"names a CSV with the columns file, patient")
+        tables.append((Path(patients).parent, read_patients_csv(Path(patients))))
+    else:
+        for folder in [root_train.parent, root_train, *map(Path, test_dirs)]:
+            if (folder / PATIENTS_CSV).is_file():
+                tables.append((folder, read_patients_csv(folder / PATIENTS_CSV)))
+    lookup = _PatientLookup(tables)
+    found: list[tuple[Path, str, str, str]] = []  # image, class, split, patient of its name
     skipped: list[tuple[str, str]] = []
-    for split, folder in [("train", Path(root_train))] + [("test", Path(d)) for d in test_dirs]:
+    for split, folder in [("train", root_train)] + [("test", Path(d)) for d in test_dirs]:
         if not folder.is_dir():
             raise Oct2017NotFoundError(f"{folder}: {split} folder not found")
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.name.startswith(".") or entry.name.lower() in _IGNORED_FILES:
+            if _ignored(entry.name):
                 continue
             if not entry.is_dir():
                 skipped.append((entry.path, "not inside a class folder"))
@@ -198,38 +279,57 @@ def build_manifest(root_train: Path, test_dirs: list[Path], manifest_dir: Path) 
             cls = entry.name.upper()
             if cls not in CLASSES:
                 skipped.append((entry.path, f"unknown class folder {entry.name!r} (allowed: "
-                                            f"{', '.join(CLASSES)}); its files are skipped"))
+                                            f"{', '.join(CLASSES)}, any case); its files are "
+                                            f"skipped"))
                 continue
             for f in sorted(os.scandir(entry.path), key=lambda e: e.name):
                 name = f.name
-                if name.startswith(".") or name.lower() in _IGNORED_FILES:
+                if _ignored(name):
                     continue
                 if f.is_dir():
                     skipped.append((f.path, "nested folder inside a class folder"))
                     continue
-                m = _NAME.match(name)
-                if not m:
-                    skipped.append((f.path, "name does not match <CLASS>-<patientID>-<imageNo>.jpeg"))
+                if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+                    skipped.append((f.path, f"not an image file ({' '.join(sorted(IMAGE_EXTENSIONS))})"))
                     continue
-                if m["cls"].upper() != cls:
+                m = _NAME.match(name)
+                if m and m["cls"].upper() in CLASSES and m["cls"].upper() != cls:
                     skipped.append((f.path, f"name says {m['cls'].upper()} but the folder says "
                                             f"{cls}"))
                     continue
-                image = os.path.abspath(f.path)
-                rows.append((_manifest_path(image, mdir), cls, m["patient"], split, ""))
+                found.append((Path(os.path.abspath(f.path)), cls, split,
+                              m["patient"] if m and m["cls"].upper() == cls else ""))
+    names = Counter(image.name for image, *_ in found)
+    rows: list[tuple[str, str, str, str, str]] = []
+    sources = {"file name": 0, "patients.csv": 0, "unknown": 0}
+    for image, cls, split, patient in found:
+        how = "file name"
+        if not patient:
+            patient = lookup(image, names[image.name])
+            how = "patients.csv" if patient else "unknown"
+        sources[how] += 1
+        rows.append((_manifest_path(str(image), mdir), cls, patient, split, ""))
     df = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
     df.attrs["skipped"] = skipped
+    df.attrs["patient_from"] = sources
     if skipped:
         shown = "; ".join(f"{p}: {why}" for p, why in skipped[:10])
         more = f" (and {len(skipped) - 10} more)" if len(skipped) > 10 else ""
-        log.warning("skipped %d entries of the OCT2017 tree: %s%s", len(skipped), shown, more)
+        log.warning("skipped %d entries of the image tree: %s%s", len(skipped), shown, more)
     if df.empty:
-        raise Oct2017NotFoundError(f"{root_train}: no images named <CLASS>-<patientID>-<imageNo>.jpeg "
-                                   f"found in the class folders")
+        raise Oct2017NotFoundError(f"{root_train}: no image files "
+                                   f"({' '.join(sorted(IMAGE_EXTENSIONS))}) found in the class "
+                                   f"folders")
     counts = df.groupby(["official_split", "class"]).size()
-    log.info("OCT2017 manifest: %d images; %s", len(df),
-             ", ".join(f"{s}/{c} {n}" for (s, c), n in counts.items()))
+    log.info("manifest: %d images; %s; patient from %s", len(df),
+             ", ".join(f"{s}/{c} {n}" for (s, c), n in counts.items()),
+             ", ".join(f"{k} {v}" for k, v in sources.items()))
     return df
+
+
+def _ignored(name: str) -> bool:
+    """Hidden files (``.DS_Store``, macOS ``._*``), Windows' folder files and patients.csv."""
+    return name.startswith(".") or name.lower() in _IGNORED_FILES or name == PATIENTS_CSV
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -302,8 +402,9 @@ def fetch_oct2017(p: Oct2017Params, work_dir: Path, manifest_dir: Path | None = 
     return build_manifest(train, tests, manifest_dir)
 
 
-def folder_manifest(folder: str, manifest_dir: Path) -> pd.DataFrame:
-    """``data.source=folder``: index the user's OCT2017 copy in place (never copied or modified)."""
+def folder_manifest(folder: str, manifest_dir: Path, patients: str = "") -> pd.DataFrame:
+    """``data.source=folder``: index the user's tree in place (never copied or modified);
+    ``patients`` (``data.patients``) names a patients.csv anywhere, "" = look in the tree."""
     if not folder:
         raise Oct2017NotFoundError("data.folder is empty: set it to your OCT2017 copy")
     path = Path(folder).expanduser()
@@ -314,4 +415,5 @@ def folder_manifest(folder: str, manifest_dir: Path) -> pd.DataFrame:
     if not path.is_dir():
         raise Oct2017NotFoundError(f"data.folder = {folder!r}: {path.absolute()} is not a folder")
     train, tests = find_oct2017_root(path.absolute())
-    return build_manifest(train, tests, Path(manifest_dir))
+    table = Path(patients).expanduser().absolute() if patients else None
+    return build_manifest(train, tests, Path(manifest_dir), table)

@@ -26,9 +26,13 @@ def acquire(params: Params, raw_dir: Path, downloads_dir: Path = Path("data/down
         manifest = fetch_oct2017(d.oct2017, downloads_dir, raw_dir)
     else:
         from .oct2017 import folder_manifest
-        manifest = folder_manifest(d.folder, raw_dir)
+        manifest = folder_manifest(d.folder, raw_dir, d.patients)
     manifest.to_csv(raw_dir / "manifest.csv", index=False)
     skipped = manifest.attrs.get("skipped", [])
     pd.DataFrame(skipped, columns=["file", "reason"]).to_csv(raw_dir / "skipped.csv", index=False)
+    origin = manifest.attrs.get("patient_from")
+    if origin and origin.get("unknown"):
+        print(f"[acquire] patient unknown for {origin['unknown']} of {len(manifest)} files (no "
+              f"OCT2017 name, not in a patients.csv): each is its own group in the split")
     if skipped:
         print(f"[acquire] {len(skipped)} files skipped, listed in {raw_dir / 'skipped.csv'}")

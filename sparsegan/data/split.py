@@ -1,4 +1,4 @@
-"""Split the manifest into train / validation / test (DESIGN.md section 2).
+"""Split the manifest into train / validation / test (docs/design.md, Data).
 
 Input: the manifest (``data/raw/manifest.csv``, see :mod:`sparsegan.data`), one row per image with
 ``path, class, patient, official_split, mask``. Output: three frames with columns
@@ -11,7 +11,8 @@ Protocols (``data.split.protocol``):
 
 ``paper``  The Sparse-GAN paper's split, by image. Test = every official test image (Kaggle's
            ``val`` folder is merged into test by the source). Validation = ``val_normal`` NORMAL
-           images and ``val_per_disease`` images of each disease class, drawn at random (seeded)
+           images and ``val_per_disease`` images of each disease class (a number, or a count
+           per class: :func:`validation_targets`), drawn at random (seeded by ``data.split.seed``)
            from the official train split. Train = all remaining official-train NORMAL images.
            Patients are shared between the splits (as in the paper).
 
@@ -26,7 +27,8 @@ Protocols (``data.split.protocol``):
            towards each), so the counts are approximate and a patient is never split.
            Train = the remaining NORMAL images of patients not in validation.
 
-An image whose ``patient`` is empty is treated as a patient of its own. Draws do not depend on the
+An image whose ``patient`` is empty is treated as a patient of its own (``summary.json`` counts
+these files per split: for them the split is disjoint by file only). Draws do not depend on the
 manifest's row order (rows are sorted by path first), so the same manifest and seed give the same
 split. ``test_per_class`` applies to the ``patient`` protocol only (the paper uses all 1,000).
 """
@@ -127,6 +129,30 @@ def _require(df: pd.DataFrame, cls: str, needed: int, param: str, where: str,
             f"lower data.split.{param}")
 
 
+def validation_targets(pool: pd.DataFrame, p: SplitParams, where: str) -> dict[str, int]:
+    """Validation images wanted per class: ``val_normal`` NORMAL, and per disease class
+    ``val_per_disease`` (a number: every disease class that has images, absent ones left out
+    with a log line; a mapping: the classes it names). Too few images is a ParamError naming the
+    class, its count and the param."""
+    _require(pool, "NORMAL", p.val_normal, "val_normal", where, more_than=True)
+    targets = {"NORMAL": p.val_normal}
+    per_class = p.val_per_disease
+    for cls in DISEASES:
+        if isinstance(per_class, dict):
+            n = per_class.get(cls, 0)
+            param = f"val_per_disease.{cls}"
+        else:
+            n, param = per_class, "val_per_disease"
+            if not (pool["class"] == cls).any():
+                log.info("no %s images in %s: validation has none (a missing class is fine)",
+                         cls, where)
+                continue
+        if n:
+            _require(pool, cls, n, param, where)
+            targets[cls] = n
+    return targets
+
+
 def _draw_patients(df: pd.DataFrame, targets: dict[str, int], rng: np.random.Generator) -> set:
     """Whole patients whose images bring each class's count close to its target (greedy).
 
@@ -190,15 +216,11 @@ def make_splits(manifest: pd.DataFrame, manifest_dir: Path, p: SplitParams,
         if p.test_per_class:
             log.warning("data.split.test_per_class = %d is ignored by protocol 'paper' "
                         "(it uses every official test image)", p.test_per_class)
-        where = "the official train split"
-        _require(official_train, "NORMAL", p.val_normal, "val_normal", where, more_than=True)
-        for cls in DISEASES:
-            _require(official_train, cls, p.val_per_disease, "val_per_disease", where)
+        targets = validation_targets(official_train, p, "the official train split")
         val_idx = []
         for cls in CLASSES:
             idx = official_train.index[official_train["class"] == cls].to_numpy()
-            n = p.val_normal if cls == "NORMAL" else p.val_per_disease
-            val_idx.append(rng.choice(idx, size=n, replace=False))
+            val_idx.append(rng.choice(idx, size=targets.get(cls, 0), replace=False))
         val = df.loc[np.sort(np.concatenate(val_idx))]
         rest = official_train.drop(val.index)
         train = rest[rest["class"] == "NORMAL"]
@@ -215,11 +237,7 @@ def make_splits(manifest: pd.DataFrame, manifest_dir: Path, p: SplitParams,
             log.info("protocol 'patient': dropped %d official-train images of %d patients that "
                      "also appear in test", dropped, dropped_patients)
         pool = official_train[~overlap]
-        where = "the official train split (without test patients)"
-        _require(pool, "NORMAL", p.val_normal, "val_normal", where, more_than=True)
-        for cls in DISEASES:
-            _require(pool, cls, p.val_per_disease, "val_per_disease", where)
-        targets = {c: p.val_per_disease for c in DISEASES} | {"NORMAL": p.val_normal}
+        targets = validation_targets(pool, p, "the official train split (without test patients)")
         val_patients = _draw_patients(pool, targets, rng)
         val = pool[pool["_pkey"].isin(val_patients)]
         _warn_off_target(val, targets, "validation")
@@ -240,8 +258,13 @@ def make_splits(manifest: pd.DataFrame, manifest_dir: Path, p: SplitParams,
     return out
 
 
+UNKNOWN_PATIENT_NOTE = ("files without a known patient (no OCT2017 name, not in a patients.csv) "
+                        "are each their own group: for them patient-disjointness holds by file only")
+
+
 def summarize(splits: dict[str, pd.DataFrame]) -> dict:
-    """Counts per split and class, patients per split, patients shared between splits."""
+    """Counts per split and class, patients per split, patients shared between splits, and the
+    files whose patient is unknown (for which the split is disjoint by file only)."""
     attrs = next((f.attrs for f in splits.values() if f.attrs), {})
     summary: dict = {
         "protocol": attrs.get("protocol"),
@@ -262,10 +285,13 @@ def summarize(splits: dict[str, pd.DataFrame]) -> dict:
         pats = frame["patient"].astype(str)
         patient_sets[name] = set(pats[pats != ""])
         summary["patients"][name] = len(patient_sets[name])
+        summary.setdefault("unknown_patient_files", {})[name] = int((pats == "").sum())
     names = list(splits)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
             summary["shared_patients"][f"{a}-{b}"] = len(patient_sets[a] & patient_sets[b])
+    if any(summary["unknown_patient_files"].values()):
+        summary["unknown_patient_note"] = UNKNOWN_PATIENT_NOTE
     return summary
 
 

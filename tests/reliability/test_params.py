@@ -108,3 +108,18 @@ def test_the_repository_params_and_the_paper_setting_are_valid():
 
     parse_params(yaml.safe_load((REPO / "params.yaml").read_text()))
     parse_params({"data": {"image_size": 224}, "model": {"base_channels": 64}})
+
+
+def test_val_per_disease_number_or_mapping():
+    from sparsegan.params import parse_params
+    assert parse_params({"data": {"split": {"val_per_disease": 7}}}).data.split.val_per_disease == 7
+    p = parse_params({"data": {"split": {"val_per_disease": {"cnv": 150, "DME": 0}}}})
+    assert p.data.split.val_per_disease == {"CNV": 150, "DME": 0}
+    with pytest.raises(ParamError, match=r"data.split.val_per_disease.PNEUMONIA: not a disease"):
+        parse_params({"data": {"split": {"val_per_disease": {"PNEUMONIA": 3}}}})
+    with pytest.raises(ParamError, match=r"data.split.val_per_disease.CNV = -1: must be a whole"):
+        parse_params({"data": {"split": {"val_per_disease": {"CNV": -1}}}})
+    with pytest.raises(ParamError, match=r"data.split.val_per_disease = 0: must be >= 1"):
+        parse_params({"data": {"split": {"val_per_disease": 0}}})
+    with pytest.raises(ParamError, match=r"data.split.val_per_disease = 'x'"):
+        parse_params({"data": {"split": {"val_per_disease": "x"}}})
