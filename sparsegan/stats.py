@@ -276,3 +276,42 @@ def delong_test(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
         half = float(norm.ppf(1 - alpha / 2) * np.sqrt(var))
     return {"delta_auc": delta, "ci": (delta - half, delta + half), "z": float(z),
             "p_value": float(p), "auc_a": float(aucs[0]), "auc_b": float(aucs[1])}
+
+
+# ------------------------------------------------------------------------------ over seeds
+
+
+def over_seeds(per_seed: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Spread of each metric over training seeds: ``{seed: {metric: value}}`` ->
+    ``{metric: {mean, sd, min, max, n}}`` (sd with ddof=1; 0 for a single seed). A GAN's test AUC
+    moves by several hundredths between training runs, more than a patient-bootstrap interval of
+    one run shows, so orderings are read from these, not from one seed."""
+    names = sorted(set().union(*(m.keys() for m in per_seed.values()))) if per_seed else []
+    out = {}
+    for name in names:
+        values = np.array([m[name] for m in per_seed.values()
+                           if isinstance(m.get(name), (int, float)) and np.isfinite(m[name])],
+                          dtype=np.float64)
+        if len(values):
+            out[name] = {"mean": float(values.mean()),
+                         "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                         "min": float(values.min()), "max": float(values.max()),
+                         "n": int(len(values))}
+    return out
+
+
+def paired_over_seeds(a: dict[int, float], b: dict[int, float]) -> dict[str, float]:
+    """Paired comparison of two rows trained with the same seeds: the per-seed differences
+    ``a[s] - b[s]`` (seeds both have), their mean, sd, min and max, how many seeds ``a`` won,
+    and a paired t statistic (mean / (sd / sqrt(n)); nan for fewer than 2 seeds or sd 0). The
+    seed pairs the two rows because both were trained from it on the same split."""
+    seeds = sorted(set(a) & set(b))
+    d = np.array([a[s] - b[s] for s in seeds], dtype=np.float64)
+    n = len(d)
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+    t = float(d.mean() / (sd / np.sqrt(n))) if n > 1 and sd > 0 else float("nan")
+    return {"mean": float(d.mean()) if n else float("nan"), "sd": sd,
+            "min": float(d.min()) if n else float("nan"),
+            "max": float(d.max()) if n else float("nan"),
+            "wins": int((d > 0).sum()), "n": n, "t": t,
+            "per_seed": {str(s): float(v) for s, v in zip(seeds, d)}}

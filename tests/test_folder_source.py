@@ -177,10 +177,10 @@ def test_patients_csv_in_the_tree_and_named_by_param(tmp_path):
     assert df.attrs["patient_from"] == {"file name": 1, "patients.csv": 3, "unknown": 9}
     assert not df["path"].str.endswith("patients.csv").any()
 
-    # named by data.patients, anywhere (outside the tree): keys relative to that file's folder
+    # named by data.patients, anywhere (outside the tree): keys relative to the tree's root
     elsewhere = tmp_path / "meta" / "groups.csv"
     elsewhere.parent.mkdir()
-    elsewhere.write_text("file,patient\nt_cnv.PNG,Q\nt_normal.JPG,Q\n")
+    elsewhere.write_text("file,patient\ntest/cnv/t_cnv.PNG,Q\nt_normal.JPG,Q\n")
     df = folder_manifest(str(root), tmp_path / "raw", patients=str(elsewhere))
     patient = dict(zip(df["path"].map(lambda p: Path(p).name), df["patient"]))
     assert patient["t_cnv.PNG"] == patient["t_normal.JPG"] == "Q"

@@ -298,3 +298,24 @@ def test_compare_to_reference_pairs_every_variant(tmp_path):
     shuffled.to_csv(root / "autoencoder" / "test.csv", index=False)
     with pytest.raises(ValueError, match="same test scans"):
         compare_to_reference(["sparse_gan", "autoencoder"], root, n_boot=10)
+
+
+def test_over_seeds_mean_sd_min_max():
+    from sparsegan.stats import over_seeds
+    out = over_seeds({0: {"auc": 0.7, "acc": 0.6}, 1: {"auc": 0.8, "acc": 0.6},
+                      2: {"auc": 0.9, "acc": float("nan")}})
+    assert out["auc"]["mean"] == pytest.approx(0.8) and out["auc"]["sd"] == pytest.approx(0.1)
+    assert (out["auc"]["min"], out["auc"]["max"], out["auc"]["n"]) == (0.7, 0.9, 3)
+    assert out["acc"] == {"mean": 0.6, "sd": 0.0, "min": 0.6, "max": 0.6, "n": 2}  # nan left out
+    assert over_seeds({5: {"auc": 0.5}})["auc"]["sd"] == 0.0
+
+
+def test_paired_over_seeds_uses_common_seeds_only():
+    from sparsegan.stats import paired_over_seeds
+    out = paired_over_seeds({0: 0.80, 1: 0.70, 2: 0.90, 3: 0.5}, {0: 0.75, 1: 0.72, 2: 0.80})
+    assert out["n"] == 3 and out["wins"] == 2
+    assert out["per_seed"] == pytest.approx({"0": 0.05, "1": -0.02, "2": 0.10})
+    assert out["mean"] == pytest.approx(0.13 / 3)
+    sd = np.std([0.05, -0.02, 0.10], ddof=1)
+    assert out["sd"] == pytest.approx(sd) and out["t"] == pytest.approx(out["mean"] / (sd / np.sqrt(3)))
+    assert (out["min"], out["max"]) == pytest.approx((-0.02, 0.10))

@@ -241,8 +241,9 @@ def build_manifest(root_train: Path, test_dirs: list[Path], manifest_dir: Path,
     The class comes from the folder, matched without regard to case; a class may be missing.
     Every file type of :data:`sparsegan.data.IMAGE_EXTENSIONS` is taken, whatever its name. The
     patient is the ``<patientID>`` of an OCT2017 name ``<CLASS>-<patientID>-<imageNo>.<ext>``,
-    else the ``patients.csv`` entry (``patients`` if given, else ``patients.csv`` files found in
-    the tree's root and in its split folders), else empty (unknown: the split then treats the file
+    else the ``patients.csv`` entry (``patients`` if given, its ``file`` column relative to the
+    tree's root, the folder holding ``train/``; else ``patients.csv`` files found in the root and
+    in the split folders, each relative to its own folder), else empty (unknown: the split then treats the file
     as a patient of its own). The per-file source is in ``df.attrs["patient_from"]`` counts.
 
     Skipped and reported (``df.attrs["skipped"]``: a list of ``(path, reason)``, also logged as a
@@ -259,7 +260,7 @@ def build_manifest(root_train: Path, test_dirs: list[Path], manifest_dir: Path,
         if not Path(patients).is_file():
             raise Oct2017NotFoundError(f"data.patients = {str(patients)!r}: no such file; it "
                                        f"names a CSV with the columns file, patient")
-        tables.append((Path(patients).parent, read_patients_csv(Path(patients))))
+        tables.append((root_train.parent, read_patients_csv(Path(patients))))
     else:
         for folder in [root_train.parent, root_train, *map(Path, test_dirs)]:
             if (folder / PATIENTS_CSV).is_file():
