@@ -176,6 +176,11 @@ class SrnParams:
     steps: int = _check(ge=1, default=3)  # T, unrolled ISTA steps
     code_channels: int = _check(ge=0, default=0)  # K; 0: same as the latent's channels
     l1: float = _check(ge=0.0, default=0.1)  # lambda in L_scl (eq. 3)
+    # W_d's atoms divided by their norms (dictionary learning's usual constraint)
+    unit_atoms: bool = False
+    # L_sp on H_in / RMS(H_in) per image, so that it can only be lowered by a sparser code, not by
+    # shrinking H (batch norm in G_de makes L_re and L_adv blind to H's scale)
+    scale_invariant: bool = False
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,36 @@ def test_sparsity_loss_sends_gradient_into_the_generator_encoder():
     assert all(p.grad is None for p in det.decoder.parameters())  # L_sp does not touch G_de
 
 
+def test_unit_atoms_makes_the_dictionary_blind_to_atom_size():
+    torch.manual_seed(0)
+    srn = SparsityRegularizationNet(16, 12, steps=3, l1=0.1, unit_atoms=True)
+    norms = srn.atoms().flatten(2).norm(dim=0).squeeze()
+    assert norms.shape == (12,) and torch.allclose(norms, torch.ones(12), atol=1e-6)
+    code = torch.randn(2, 12, 4, 4)
+    before = srn.reconstruct(code)
+    with torch.no_grad():
+        srn.dictionary.weight.mul_(torch.linspace(0.1, 10, 12)[None, :, None, None])
+    assert torch.allclose(srn.reconstruct(code), before, atol=1e-5)  # only directions count
+    plain = SparsityRegularizationNet(16, 12, steps=3, l1=0.1)
+    with torch.no_grad():
+        plain.dictionary.weight.copy_(srn.dictionary.weight)
+    assert not torch.allclose(plain.reconstruct(code), before, atol=1e-3)
+
+
+def test_scale_invariant_sparsity_loss_cannot_be_lowered_by_shrinking_h():
+    from sparsegan.params import SrnParams
+    torch.manual_seed(0)
+    h = torch.randn(4, 16, 8, 8)
+    losses = {}
+    for invariant in (False, True):
+        torch.manual_seed(1)
+        det = ReconstructionDetector(CONFIGS["sparse_gan"], SMALL, ModelParams(base_channels=BASE),
+                                     TrainParams(), SrnParams(scale_invariant=invariant))
+        losses[invariant] = [float(det.sparsity_loss(h * k)) for k in (1.0, 0.1)]
+    assert losses[False][1] < 0.05 * losses[False][0]  # plain L_sp: a 10x smaller H, ~100x less
+    assert losses[True][1] == pytest.approx(losses[True][0], rel=1e-4)  # invariant: unchanged
+
+
 def test_train_step_lets_l_sp_reach_the_encoder():
     # lambda_re = lambda_adv = 0: in the generator step only L_sp can give G_en a nonzero gradient
     det = make_detector("sparse_gan", lambda_re=0.0, lambda_adv=0.0, lambda_sp=50.0)

@@ -156,12 +156,16 @@ class SparsityRegularizationNet(nn.Module):
     There is no output gate (the code is the cell's thresholded state). Initialisation makes the
     cell ISTA (LISTA-style): ``W_e``, ``U``, ``theta`` from ``W_d`` and ``lambda`` as above, input
     gate open, forget gate closed; training then adapts every weight.
+
+    ``unit_atoms`` (``srn.unit_atoms``): each atom (column of ``W_d``) is used divided by its
+    norm, the usual constraint of dictionary learning: without it the l1 term can be lowered by
+    growing the atoms and shrinking the code, whatever the code's sparsity.
     """
 
     def __init__(self, channels: int, code_channels: int, steps: int, l1: float,
-                 gate_kernel: int = 3):
+                 gate_kernel: int = 3, unit_atoms: bool = False):
         super().__init__()
-        self.steps, self.l1 = steps, l1
+        self.steps, self.l1, self.unit_atoms = steps, l1, unit_atoms
         k = code_channels
         self.dictionary = nn.Conv2d(k, channels, 1, bias=False)  # W_d: code (K) -> latent (C)
         nn.init.normal_(self.dictionary.weight, 0.0, 1.0 / math.sqrt(channels))
@@ -176,7 +180,7 @@ class SparsityRegularizationNet(nn.Module):
     @torch.no_grad()
     def reset_to_ista(self) -> None:
         """Set W_e, U, theta and the gates so that the unrolled cell is plain ISTA on W_d."""
-        wd = self.dictionary.weight[:, :, 0, 0]  # (C, K)
+        wd = self.atoms()[:, :, 0, 0]  # (C, K)
         lipschitz = 2 * torch.linalg.matrix_norm(wd, ord=2) ** 2  # of grad ||H - W_d s||^2
         k = wd.shape[1]
         self.encode.weight.copy_((2 * wd.T / lipschitz)[:, :, None, None])
@@ -199,6 +203,14 @@ class SparsityRegularizationNet(nn.Module):
             s = soft_threshold(c, theta)
         return s
 
+    def atoms(self) -> torch.Tensor:
+        """W_d as used, (C, K, 1, 1): unit-norm columns when ``unit_atoms``."""
+        w = self.dictionary.weight
+        return w / w.flatten(2).norm(dim=0, keepdim=True)[..., None].clamp_min(1e-8) \
+            if self.unit_atoms else w
+
     def reconstruct(self, code: torch.Tensor) -> torch.Tensor:
         """W_d s: (B, K, h, w) -> (B, C, h, w)."""
-        return self.dictionary(code)
+        if not self.unit_atoms:
+            return self.dictionary(code)
+        return F.conv2d(code, self.atoms())

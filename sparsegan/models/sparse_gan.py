@@ -80,8 +80,9 @@ class ReconstructionDetector(Detector):
                               if config.adversarial else None)
         channels = latent_shape(image_size, model.base_channels)[0]
         self.srn = (SparsityRegularizationNet(channels, srn.code_channels or channels,
-                                              srn.steps, srn.l1)
+                                              srn.steps, srn.l1, unit_atoms=srn.unit_atoms)
                     if config.sparsity else None)
+        self.srn_scale_invariant = srn.scale_invariant
         betas = (train.beta1, 0.999)
         g_params = [p for m in (self.encoder, self.decoder, self.srn) if m is not None
                     for p in m.parameters()]
@@ -104,7 +105,13 @@ class ReconstructionDetector(Detector):
         return ["generator"] * self.train_params.epochs
 
     def sparsity_loss(self, latent: torch.Tensor) -> torch.Tensor:
-        """L_sp = L_scl(W_d, S(H_in)): its gradient trains the SRN and reaches G_en."""
+        """L_sp = L_scl(W_d, S(H_in)): its gradient trains the SRN and reaches G_en.
+
+        With ``srn.scale_invariant`` H_in is first divided by its per-image RMS (the gradient
+        flows through the division), so L_sp measures how sparsely H can be coded, not its size.
+        """
+        if self.srn_scale_invariant:
+            latent = latent / latent.pow(2).mean(dim=(1, 2, 3), keepdim=True).add(1e-8).sqrt()
         code = self.srn(latent)  # through DDP's forward when distributed
         # W_d (reconstruct) and l1 live on the bare SRN; W_d's gradient still reaches DDP's hooks
         srn = unwrap(self.srn)

@@ -1,0 +1,201 @@
+"""Design checks on real *validation* data: each default, and each candidate fix, over seeds.
+
+    python scripts/real_checks.py --folder ../shared/oct_real --check lr_decay --seeds 0 1
+    python scripts/real_checks.py --list
+
+Each check trains the variants it concerns with a few params changed (library calls, the same
+functions the DVC stages run; data prepared once per image size / corner setting by the stage
+scripts in ``studies/.work/``) and scores the **validation** split only: the test split is never
+scored here, so nothing chosen from these numbers has seen it. One JSON line per (check, setting,
+variant, seed) goes to ``studies/real/checks.jsonl``: the variant's val AUC, and for reconstruction
+models the val AUC of the image score (MSE and L1) and of the latent score (eq. 4), the RMS of
+H_in on normal scans, the share of near-zero SRN code entries; for f-AnoGAN each score term
+alone; for every model the held-out operating point of each calibration criterion (phi chosen
+on one half of the validation groups, measured on the other half, both ways).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from sklearn.metrics import roc_auc_score  # noqa: E402
+
+from sparsegan.data.dataset import iterate_batches, load_split  # noqa: E402
+from sparsegan.metrics import calibrate_phi, detection_metrics  # noqa: E402
+from sparsegan.models.anomaly import image_anomaly_score, latent_anomaly_score  # noqa: E402
+from sparsegan.params import parse_params  # noqa: E402
+from sparsegan.stats import patient_codes  # noqa: E402
+from sparsegan.train import load_detector, train_variant  # noqa: E402
+
+GEN = ["autoencoder", "pix2pix_latent", "sparse_gan"]  # pix2pix_latent's model also gives #1
+# check -> {setting name: (variants, overrides as a nested params.yaml mapping)}
+CHECKS: dict[str, dict[str, tuple[list[str], dict]]] = {
+    "baseline": {"default": (GEN + ["anogan", "fanogan"], {})},
+    "lr_decay": {"constant": (GEN, {"train": {"lr_decay": 0.0}})},
+    "fill_corners": {"off": (GEN, {"preprocess": {"fill_corners": False}})},
+    "epochs": {"15": (GEN, {"train": {"epochs": 15}}), "60": (GEN, {"train": {"epochs": 60}})},
+    "image_size": {"128": (["autoencoder", "sparse_gan"], {"data": {"image_size": 128}})},
+    "srn": {"unit_atoms": (["sparse_gan"], {"srn": {"unit_atoms": True}}),
+            "scale_invariant": (["sparse_gan"], {"srn": {"scale_invariant": True}}),
+            "both": (["sparse_gan"], {"srn": {"unit_atoms": True, "scale_invariant": True}})},
+    "fanogan": {"epochs100": (["fanogan"], {"fanogan": {"epochs": 100}}),
+                "epochs200": (["fanogan"], {"fanogan": {"epochs": 200}})},
+}
+REAL = {"data": {"source": "folder", "split": {"val_normal": 300, "val_per_disease":
+                                               {"CNV": 305, "DME": 36, "DRUSEN": 28}}}}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) and k != "val_per_disease" else v
+    return out
+
+
+def prepare(raw_params: dict) -> Path:
+    """The processed arrays for these data/preprocess params (stage scripts, run once)."""
+    d, pre = raw_params["data"], raw_params.get("preprocess", {})
+    key = f"s{d.get('image_size', 64)}-c{int(pre.get('fill_corners', True))}"
+    work = ROOT / "studies" / ".work" / key
+    if (work / "data" / "processed" / "val.npy").is_file():
+        return work / "data" / "processed"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    for stage in ("acquire", "split", "preprocess"):
+        subprocess.run([sys.executable, str(ROOT / "stages" / f"{stage}.py")], cwd=work, check=True)
+    return work / "data" / "processed"
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    return float(roc_auc_score(labels, scores))
+
+
+def held_out_calibration(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray,
+                         seed: int) -> dict:
+    """2-fold by group: phi per criterion on one half, metrics on the other (both ways, mean)."""
+    codes, n = patient_codes(groups)
+    half = np.random.default_rng(seed).permutation(n) < n // 2
+    fold = half[codes]
+    out = {}
+    for criterion in ("accuracy", "youden", "f1"):
+        rows = []
+        for a in (fold, ~fold):
+            phi = calibrate_phi(labels[a], scores[a], criterion, 0.95)
+            m = detection_metrics(labels[~a], scores[~a], phi)
+            rows.append([m["accuracy"], m["sensitivity"], m["specificity"],
+                         (m["sensitivity"] + m["specificity"]) / 2])
+        acc, sen, spe, bal = np.mean(rows, axis=0)
+        out[criterion] = {"accuracy": acc, "sensitivity": sen, "specificity": spe,
+                          "balanced_accuracy": bal}
+    return out
+
+
+@torch.no_grad()
+def diagnose(variant: str, params, model_dir: Path, processed: Path, seed: int) -> dict:
+    images, index, _ = load_split(processed, "val")
+    labels = index["label"].to_numpy()
+    detector = load_detector(variant, params, model_dir)
+    own, extra = [], {}
+    for x in iterate_batches(images, 64, shuffle=False):
+        out = detector.score(x)
+        own.append(out.score.numpy())
+        if hasattr(detector, "encoder") and variant != "fanogan" and variant != "anogan":
+            h = detector.encoder(x)
+            rec = detector.decoder(h)
+            h_re = detector.encoder(rec)
+            for k, v in {"image_mse": image_anomaly_score(x, rec),
+                         "image_l1": (x - rec).abs().flatten(1).mean(1),
+                         "latent": latent_anomaly_score(h, h_re),
+                         "h_rms": h.flatten(1).pow(2).mean(1).sqrt()}.items():
+                extra.setdefault(k, []).append(v.numpy())
+            if detector.srn is not None:
+                code = detector.srn(h)
+                extra.setdefault("code_zero", []).append(
+                    (code.abs() < 1e-6).flatten(1).float().mean(1).numpy())
+                res = (h - detector.srn.reconstruct(code)).flatten(1).pow(2).mean(1)
+                extra.setdefault("code_residual_share", []).append(
+                    (res / h.flatten(1).pow(2).mean(1).clamp_min(1e-12)).numpy())
+        if variant == "fanogan":
+            image_mse, feature_mse, _ = detector.izif(x)
+            extra.setdefault("image_mse", []).append(image_mse.numpy())
+            extra.setdefault("feature_mse", []).append(feature_mse.numpy())
+    own = np.concatenate(own)
+    extra = {k: np.concatenate(v) for k, v in extra.items()}
+    normal = labels == 0
+    cnv = index["class"].isin(["NORMAL", "CNV"]).to_numpy()
+    result = {"val_auc": _auc(labels, own), "val_auc_cnv": _auc(labels[cnv], own[cnv]),
+              "calibration": held_out_calibration(labels, own, index["patient"].to_numpy(), seed)}
+    for k in ("image_mse", "image_l1", "latent", "feature_mse"):
+        if k in extra:
+            result[f"val_auc_{k}"] = _auc(labels, extra[k])
+    for k in ("h_rms", "code_zero", "code_residual_share"):
+        if k in extra:
+            result[f"{k}_normal_mean"] = float(extra[k][normal].mean())
+    if variant == "pix2pix_latent":
+        result["val_auc_pix2pix_image"] = result["val_auc_image_mse"]
+    return result
+
+
+def run(folder: Path, check: str, seeds: list[int], settings: list[str] | None) -> None:
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    real = merge(base, REAL)
+    real["data"]["folder"] = str(folder.resolve())
+    real["data"]["patients"] = str((ROOT / "studies" / "real" / "patients.csv").resolve())
+    out = ROOT / "studies" / "real" / "checks.jsonl"
+    for name, (variants, over) in CHECKS[check].items():
+        if settings and name not in settings:
+            continue
+        raw = merge(real, over)
+        processed = prepare(raw)
+        for seed in seeds:
+            raw["seed"] = seed
+            params = parse_params(raw)
+            for variant in variants:
+                tag = f"{check}-{name}-{variant}-s{seed}"
+                model_dir = ROOT / "studies" / ".work" / "models" / tag
+                tic = time.perf_counter()
+                if not (model_dir / "model.pt").is_file():
+                    train_variant(variant, params, processed, model_dir,
+                                  ROOT / "studies" / ".work" / "checkpoints" / tag,
+                                  log_mlflow=False)
+                rec = {"check": check, "setting": name, "variant": variant, "seed": seed,
+                       "overrides": over, "train_s": time.perf_counter() - tic,
+                       **diagnose(variant, params, model_dir, processed, seed)}
+                with out.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(f"[check] {tag}: val AUC {rec['val_auc']:.3f} "
+                      + " ".join(f"{k}={v:.3f}" for k, v in rec.items()
+                                 if k.startswith(("val_auc_", "h_rms", "code_"))), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--folder", type=Path)
+    ap.add_argument("--check", choices=list(CHECKS))
+    ap.add_argument("--setting", nargs="*")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--list", action="store_true")
+    a = ap.parse_args()
+    if a.list or not a.check:
+        for c, s in CHECKS.items():
+            print(c, {k: v[0] for k, v in s.items()})
+        return
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    run(a.folder, a.check, a.seeds, a.setting)
+
+
+if __name__ == "__main__":
+    main()
