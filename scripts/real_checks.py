@@ -68,7 +68,7 @@ def merge(base: dict, over: dict) -> dict:
 def prepare(raw_params: dict) -> Path:
     """The processed arrays for these data/preprocess params (stage scripts, run once)."""
     d, pre = raw_params["data"], raw_params.get("preprocess", {})
-    key = f"s{d.get('image_size', 64)}-c{int(pre.get('fill_corners', True))}"
+    key = f"{d['source']}-s{d.get('image_size', 64)}-c{int(pre.get('fill_corners', True))}"
     work = ROOT / "studies" / ".work" / key
     if (work / "data" / "processed" / "val.npy").is_file():
         return work / "data" / "processed"
@@ -149,11 +149,16 @@ def diagnose(variant: str, params, model_dir: Path, processed: Path, seed: int) 
     return result
 
 
-def run(folder: Path, check: str, seeds: list[int], settings: list[str] | None) -> None:
+def run(folder: Path | None, check: str, seeds: list[int], settings: list[str] | None) -> None:
+    """``folder`` None: the same check on the default synthetic data (for the comparison of
+    synthetic and real rankings)."""
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
-    real = merge(base, REAL)
-    real["data"]["folder"] = str(folder.resolve())
-    real["data"]["patients"] = str((ROOT / "studies" / "real" / "patients.csv").resolve())
+    if folder is None:
+        real, data = base, "synthetic"
+    else:
+        real, data = merge(base, REAL), "real"
+        real["data"]["folder"] = str(folder.resolve())
+        real["data"]["patients"] = str((ROOT / "studies" / "real" / "patients.csv").resolve())
     out = ROOT / "studies" / "real" / "checks.jsonl"
     for name, (variants, over) in CHECKS[check].items():
         if settings and name not in settings:
@@ -164,14 +169,14 @@ def run(folder: Path, check: str, seeds: list[int], settings: list[str] | None) 
             raw["seed"] = seed
             params = parse_params(raw)
             for variant in variants:
-                tag = f"{check}-{name}-{variant}-s{seed}"
+                tag = f"{data}-{check}-{name}-{variant}-s{seed}"
                 model_dir = ROOT / "studies" / ".work" / "models" / tag
                 tic = time.perf_counter()
                 if not (model_dir / "model.pt").is_file():
                     train_variant(variant, params, processed, model_dir,
                                   ROOT / "studies" / ".work" / "checkpoints" / tag,
                                   log_mlflow=False)
-                rec = {"check": check, "setting": name, "variant": variant, "seed": seed,
+                rec = {"data": data, "check": check, "setting": name, "variant": variant, "seed": seed,
                        "overrides": over, "train_s": time.perf_counter() - tic,
                        **diagnose(variant, params, model_dir, processed, seed)}
                 with out.open("a") as f:
@@ -183,7 +188,7 @@ def run(folder: Path, check: str, seeds: list[int], settings: list[str] | None) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--folder", type=Path)
+    ap.add_argument("--folder", type=Path, help="the real tree; omitted: the synthetic default")
     ap.add_argument("--check", choices=list(CHECKS))
     ap.add_argument("--setting", nargs="*")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

@@ -106,7 +106,7 @@ def _per_disease(value: Any, key: str) -> int | dict[str, int]:
 
 @dataclass(frozen=True)
 class SplitParams:
-    """How train/val/test are drawn (docs/design.md, Data). The paper uses 1,000 per class in val.
+    """How train/val/test are drawn (docs/design.md, section 2). The paper uses 1,000 per class in val.
 
     ``val_per_disease``: a number (each disease class present gets that many validation images;
     a class with no image at all is left out) or a mapping per class (a class not named gets none).
@@ -161,7 +161,7 @@ class PreprocessParams:
 
 @dataclass(frozen=True)
 class ModelParams:
-    """Width of the shared generator / discriminator (DESIGN.md section 1)."""
+    """Width of the shared generator / discriminator (docs/design.md, section 1)."""
 
     base_channels: int = _check(ge=1, default=16)  # b: encoder widths b, 2b, 4b, ...; 64 in the paper
     # batch norm in G_en, G_de, D and the baselines' generators ("batch", pix2pix/DCGAN) or none

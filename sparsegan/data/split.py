@@ -1,4 +1,4 @@
-"""Split the manifest into train / validation / test (docs/design.md, Data).
+"""Split the manifest into train / validation / test (docs/design.md, section 2).
 
 Input: the manifest (``data/raw/manifest.csv``, see :mod:`sparsegan.data`), one row per image with
 ``path, class, patient, official_split, mask``. Output: three frames with columns

@@ -1,4 +1,4 @@
-"""Embedded synthetic retinal OCT generator: the default data source (DESIGN.md section 2).
+"""Embedded synthetic retinal OCT generator: the default data source (docs/design.md, section 2).
 
 It writes an OCT2017-shaped tree (``<root>/{train,test}/<CLASS>/<CLASS>-<patient>-<n>.jpeg``) plus a
 lesion mask per image (``<root>/masks/{train,test}/<CLASS>/<same name>.png``, 255 = lesion, all zero

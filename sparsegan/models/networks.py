@@ -8,7 +8,7 @@
 - :class:`SparsityRegularizationNet` is the SRN ``S``: ISTA for convolutional sparse coding of the
   latent map, unrolled for T steps as a convolutional LSTM (the "Sparse LSTM" of Zhou et al.).
 
-Depth rule (DESIGN.md): five stride-2 4x4 blocks take 224 to 7, giving the paper's 1024x7x7
+Depth rule (docs/design.md, section 1): five stride-2 4x4 blocks take 224 to 7, giving the paper's 1024x7x7
 latent with base width 64. For other sizes the number of blocks is the largest n with
 ``S / 2**n >= 7`` (64 -> 3 blocks, latent 8x8; 128 -> 4 blocks, 8x8), so the latent stays about
 7x7 whatever the input size.
