@@ -186,6 +186,46 @@ def run(folder: Path | None, check: str, seeds: list[int], settings: list[str] |
                                  if k.startswith(("val_auc_", "h_rms", "code_"))), flush=True)
 
 
+def summary(path: Path) -> str:
+    """checks.jsonl -> markdown: per (data, check, setting, variant) the val AUCs per seed and
+    their mean; the latest record wins when a (setting, variant, seed) was run twice."""
+    latest: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        latest[(r.get("data", "real"), r["check"], r["setting"], r["variant"], r["seed"])] = r
+    groups: dict[tuple, list[dict]] = {}
+    for key, r in latest.items():
+        groups.setdefault(key[:4], []).append(r)
+    cols = ["val_auc", "val_auc_image_mse", "val_auc_image_l1", "val_auc_latent",
+            "val_auc_feature_mse", "h_rms_normal_mean"]
+    lines = ["Validation only (the test split is never scored by these checks). Each cell: mean "
+             "over seeds (per-seed values).", "",
+             "| data | check | setting | variant | seeds | " + " | ".join(cols) + " |",
+             "|---" * (5 + len(cols)) + "|"]
+    for (data, check, setting, variant), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["seed"])
+        cells = []
+        for c in cols:
+            vals = [r[c] for r in rs if c in r]
+            cells.append(f"{np.mean(vals):.3f} ({', '.join(f'{v:.3f}' for v in vals)})"
+                         if vals else "")
+        lines.append(f"| {data} | {check} | {setting} | {variant} | "
+                     f"{','.join(str(r['seed']) for r in rs)} | " + " | ".join(cells) + " |")
+    lines += ["", "Calibration criteria, held out within validation (phi on one half of the "
+              "validation groups, measured on the other, both ways; mean over seeds and rows of "
+              "the baseline check):", "", "| data | criterion | accuracy | sensitivity | "
+              "specificity | balanced accuracy |", "|---|---|---|---|---|---|"]
+    for data in sorted({k[0] for k in latest}):
+        rs = [r for k, r in latest.items() if k[0] == data and k[1] == "baseline"]
+        for crit in ("accuracy", "youden", "f1"):
+            m = [[r["calibration"][crit][k] for k in ("accuracy", "sensitivity", "specificity",
+                                                       "balanced_accuracy")] for r in rs]
+            if m:
+                a = np.mean(m, axis=0)
+                lines.append(f"| {data} | {crit} | " + " | ".join(f"{v:.3f}" for v in a) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--folder", type=Path, help="the real tree; omitted: the synthetic default")
@@ -193,7 +233,13 @@ def main() -> None:
     ap.add_argument("--setting", nargs="*")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--summary", action="store_true", help="write studies/real/checks.md")
     a = ap.parse_args()
+    if a.summary:
+        md = summary(ROOT / "studies" / "real" / "checks.jsonl")
+        (ROOT / "studies" / "real" / "checks.md").write_text(md)
+        print(md)
+        return
     if a.list or not a.check:
         for c, s in CHECKS.items():
             print(c, {k: v[0] for k, v in s.items()})
