@@ -227,3 +227,26 @@ def test_missing_folder_and_no_tree_errors(tmp_path):
     msg = str(exc.value)
     assert str(empty) in msg and "'OCT2017 '" in msg and "CellData/OCT" in msg
     assert "'something'" in msg
+
+
+def test_real_study_groups_runs_of_20_renamed_files(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("real_study", Path(__file__).parent.parent
+                                                  / "scripts" / "real_study.py")
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    root = tmp_path / "tree"
+    for n in (1, 19, 20, 39, 40):
+        _jpeg(root / "train" / "NORMAL" / f"normal_train_{n}.jpg", n)
+    _jpeg(root / "test" / "CNV" / "cnv_train_5.jpg", 5)
+    _jpeg(root / "train" / "NORMAL" / "NORMAL-123-1.jpeg", 6)  # OCT2017 name: not listed
+    _png(root / "train" / "NORMAL" / "NORMAL-6.png", 7)  # neither: stays unknown
+    counts = study.write_groups(root, tmp_path / "patients.csv")
+    assert counts == {"grouped": 6, "left": 2}
+    df = folder_manifest(str(root), tmp_path / "raw", patients=str(tmp_path / "patients.csv"))
+    patient = dict(zip(df["path"].map(lambda p: Path(p).name), df["patient"]))
+    assert patient["normal_train_1.jpg"] == patient["normal_train_19.jpg"] == "normal_train:0"
+    assert patient["normal_train_20.jpg"] == patient["normal_train_39.jpg"] == "normal_train:1"
+    assert patient["normal_train_40.jpg"] == "normal_train:2"
+    assert patient["cnv_train_5.jpg"] == "cnv_train:0"  # another numbering: another group
+    assert patient["NORMAL-123-1.jpeg"] == "123" and patient["NORMAL-6.png"] == ""

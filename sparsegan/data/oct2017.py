@@ -52,7 +52,7 @@ import pandas as pd
 
 from sparsegan.data import IMAGE_EXTENSIONS
 from sparsegan.data.download import download, safe_extract
-from sparsegan.params import CLASSES, DISEASES, Oct2017Params
+from sparsegan.params import CLASSES, Oct2017Params
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ class Oct2017NotFoundError(FileNotFoundError):
 
 
 def _is_root(folder: Path) -> bool:
-    """``folder`` holds train/ and test/, and train/ holds at least one OCT disease folder."""
+    """``folder`` holds train/ and test/, and train/ holds at least one class folder (any case;
+    a tree whose train/ has NORMAL only is fine: diseases may appear in test/ alone)."""
     train, test = folder / "train", folder / "test"
     if not (train.is_dir() and test.is_dir()):
         return False
@@ -104,7 +105,7 @@ def _is_root(folder: Path) -> bool:
         names = {e.name.upper() for e in os.scandir(train) if e.is_dir()}
     except OSError:
         return False
-    return bool(names & set(DISEASES))
+    return bool(names & set(CLASSES))
 
 
 def _split_dirs(root: Path) -> tuple[Path, list[Path]]:

@@ -25,7 +25,7 @@ Image policy (:func:`load_gray`):
   difference in grain alone ranked 512x512 normals as anomalies. Asking for S + 1 makes the final
   antialiased resize reduce every image (at 224 nothing changes: 512 -> 256 -> 224).
 * White registration corners (the wedges of a rotated frame) are filled with the background of
-  their rows when ``corners`` is true (param ``preprocess.fill_corners``, default on; see
+  their rows when ``corners`` is true (param ``preprocess.fill_corners``, default off; see
   :func:`fill_corners`); ``summary.json`` counts the filled images per split. Masks are unchanged.
 * Every image is resized to S x S with Pillow's antialiased BILINEAR filter (``reducing_gap=3``);
   **the aspect ratio is not preserved**: the paper resizes the B-scans (512x496, 768x496,
