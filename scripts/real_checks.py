@@ -244,7 +244,6 @@ def main() -> None:
         for c, s in CHECKS.items():
             print(c, {k: v[0] for k, v in s.items()})
         return
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     run(a.folder, a.check, a.seeds, a.setting)
 
 
