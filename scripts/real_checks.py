@@ -38,7 +38,11 @@ from sparsegan.metrics import calibrate_phi, detection_metrics  # noqa: E402
 from sparsegan.models.anomaly import image_anomaly_score, latent_anomaly_score  # noqa: E402
 from sparsegan.params import parse_params  # noqa: E402
 from sparsegan.stats import patient_codes  # noqa: E402
+from sparsegan.models.sparse_gan import ReconstructionDetector  # noqa: E402
 from sparsegan.train import load_detector, train_variant  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from real_study import REAL_SPLIT  # noqa: E402
 
 GEN = ["autoencoder", "pix2pix_latent", "sparse_gan"]  # pix2pix_latent's model also gives #1
 # check -> {setting name: (variants, overrides as a nested params.yaml mapping)}
@@ -54,8 +58,7 @@ CHECKS: dict[str, dict[str, tuple[list[str], dict]]] = {
     "fanogan": {"epochs100": (["fanogan"], {"fanogan": {"epochs": 100}}),
                 "epochs200": (["fanogan"], {"fanogan": {"epochs": 200}})},
 }
-REAL = {"data": {"source": "folder", "split": {"val_normal": 300, "val_per_disease":
-                                               {"CNV": 305, "DME": 36, "DRUSEN": 28}}}}
+REAL = {"data": {"source": "folder", "split": REAL_SPLIT}}
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -112,7 +115,7 @@ def diagnose(variant: str, params, model_dir: Path, processed: Path, seed: int) 
     for x in iterate_batches(images, 64, shuffle=False):
         out = detector.score(x)
         own.append(out.score.numpy())
-        if hasattr(detector, "encoder") and variant != "fanogan" and variant != "anogan":
+        if isinstance(detector, ReconstructionDetector):
             h = detector.encoder(x)
             rec = detector.decoder(h)
             h_re = detector.encoder(rec)

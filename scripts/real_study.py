@@ -39,12 +39,15 @@ from sparsegan.stats import over_seeds, paired_over_seeds  # noqa: E402
 RUN_OF = 20
 _RENAMED = re.compile(r"^(?P<prefix>[A-Za-z]+(?:_[A-Za-z]+)*)_(?P<n>\d+)\.[A-Za-z]+$")
 
-# The real-data settings: every scan of train/ that is not NORMAL goes to validation (training
-# never sees them anyway), with 300 NORMAL scans; test/ is the test set.
-REAL_PARAMS = {
+# The real-data split (also used by scripts/real_checks.py): every scan of train/ that is not
+# NORMAL goes to validation (training never sees them anyway), with 300 NORMAL scans; test/ is
+# the test set.
+REAL_SPLIT = {"val_normal": 300, "val_per_disease": {"CNV": 305, "DME": 36, "DRUSEN": 28}}
+REAL_PARAMS = {  # the same as `dvc exp run -S` overrides
     "data.source": "folder",
-    "data.split.val_normal": "300",
-    "data.split.val_per_disease": "{CNV:305,DME:36,DRUSEN:28}",
+    "data.split.val_normal": str(REAL_SPLIT["val_normal"]),
+    "data.split.val_per_disease": "{" + ",".join(
+        f"{c}:{n}" for c, n in REAL_SPLIT["val_per_disease"].items()) + "}",
 }
 ROWS = list(PAPER_TABLE1)
 SUMMARY_METRICS = ("val_auc", "test_auc", "test_accuracy", "test_sensitivity",
@@ -117,16 +120,17 @@ def collect(study: str) -> dict:
     per_seed = {r: {rec["seed"]: rec["metrics"][r] for rec in records} for r in rows}
     summary = {r: over_seeds({s: {k: m[k] for k in m if isinstance(m[k], (int, float))}
                               for s, m in per_seed[r].items()}) for r in rows}
-    paired = {f"{a} - {b}": paired_over_seeds({s: m["test_auc"] for s, m in per_seed[a].items()},
-                                              {s: m["test_auc"] for s, m in per_seed[b].items()})
-              for i, a in enumerate(rows) for b in rows[i + 1:]}
-    paired_val = {f"{a} - {b}": paired_over_seeds({s: m["val_auc"] for s, m in per_seed[a].items()},
-                                                  {s: m["val_auc"] for s, m in per_seed[b].items()})
-                  for i, a in enumerate(rows) for b in rows[i + 1:]}
+    def paired(metric: str) -> dict[str, dict]:
+        def by_seed(row: str) -> dict[int, float]:
+            return {s: m[metric] for s, m in per_seed[row].items()}
+        return {f"{a} - {b}": paired_over_seeds(by_seed(a), by_seed(b))
+                for i, a in enumerate(rows) for b in rows[i + 1:]}
+
     result = {"seeds": [rec["seed"] for rec in records],
               "experiments": [rec["experiment"] for rec in records],
               "overrides": records[0]["overrides"], "extra": records[0]["extra"],
-              "summary": summary, "paired_test_auc": paired, "paired_val_auc": paired_val,
+              "summary": summary, "paired_test_auc": paired("test_auc"),
+              "paired_val_auc": paired("val_auc"),
               "per_seed": {r: {str(s): {k: m[k] for k in m if k in SUMMARY_METRICS
                                         or k.startswith(("test_auc_ci", "test_accuracy_ci",
                                                          "test_sensitivity_ci",

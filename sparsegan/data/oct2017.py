@@ -182,8 +182,9 @@ def _manifest_path(image: str, manifest_dir: str) -> str:
 def read_patients_csv(path: Path) -> dict[str, str]:
     """``patients.csv`` (columns ``file, patient``) -> {file: patient}.
 
-    ``file`` is a path relative to the CSV's folder (``train/NORMAL/scan_1.jpg``) or a bare file
-    name (``scan_1.jpg``), which then must be unique in the tree. Errors name the file and row.
+    ``file`` is a path (``train/NORMAL/scan_1.jpg``, relative to the folder the caller keys the
+    table to: see :func:`build_manifest`) or a bare file name (``scan_1.jpg``), which then must be
+    unique in the tree. Errors name the file and row.
     """
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -211,11 +212,11 @@ class _PatientLookup:
 
     def __init__(self, tables: list[tuple[Path, dict[str, str]]]):
         self.tables = [(Path(os.path.abspath(folder)), t) for folder, t in tables]
-        self.by_name: dict[str, list[tuple[str, Path]]] = {}
-        for folder, table in self.tables:
+        self.by_name: dict[str, list[str]] = {}  # bare file name -> its patients, one per table
+        for _, table in self.tables:
             for key, patient in table.items():
                 if "/" not in key:
-                    self.by_name.setdefault(key, []).append((patient, folder))
+                    self.by_name.setdefault(key, []).append(patient)
 
     def __call__(self, image: Path, same_name: int) -> str:
         """The patient of ``image`` ("" if not listed); ``same_name``: files in the tree with
@@ -230,9 +231,9 @@ class _PatientLookup:
         if hits and (len(hits) > 1 or same_name > 1):
             raise Oct2017NotFoundError(
                 f"patients.csv names {image.name!r} without a folder, and more than one file has "
-                f"that name ({image}, ...): write its path relative to the CSV's folder, e.g. "
-                f"train/NORMAL/{image.name}")
-        return hits[0][0] if hits else ""
+                f"that name ({image}, ...): write its path instead, relative to the CSV's folder "
+                f"(to the tree's root for data.patients), e.g. train/NORMAL/{image.name}")
+        return hits[0] if hits else ""
 
 
 def build_manifest(root_train: Path, test_dirs: list[Path], manifest_dir: Path,
@@ -244,8 +245,8 @@ def build_manifest(root_train: Path, test_dirs: list[Path], manifest_dir: Path,
     patient is the ``<patientID>`` of an OCT2017 name ``<CLASS>-<patientID>-<imageNo>.<ext>``,
     else the ``patients.csv`` entry (``patients`` if given, its ``file`` column relative to the
     tree's root, the folder holding ``train/``; else ``patients.csv`` files found in the root and
-    in the split folders, each relative to its own folder), else empty (unknown: the split then treats the file
-    as a patient of its own). The per-file source is in ``df.attrs["patient_from"]`` counts.
+    in the split folders, each relative to its own folder), else empty (unknown: the split then
+    treats the file as a patient of its own). The per-file source is in ``df.attrs["patient_from"]`` counts.
 
     Skipped and reported (``df.attrs["skipped"]``: a list of ``(path, reason)``, also logged as a
     warning): files that are not images, OCT2017 names whose class disagrees with their folder,

@@ -272,6 +272,7 @@ def summarize(splits: dict[str, pd.DataFrame]) -> dict:
         "counts": {},
         "patients": {},
         "shared_patients": {},
+        "unknown_patient_files": {},
         "dropped_for_patient_overlap": {
             "images": int(attrs.get("dropped_overlap", 0)),
             "patients": int(attrs.get("dropped_overlap_patients", 0)),
@@ -285,7 +286,7 @@ def summarize(splits: dict[str, pd.DataFrame]) -> dict:
         pats = frame["patient"].astype(str)
         patient_sets[name] = set(pats[pats != ""])
         summary["patients"][name] = len(patient_sets[name])
-        summary.setdefault("unknown_patient_files", {})[name] = int((pats == "").sum())
+        summary["unknown_patient_files"][name] = int((pats == "").sum())
     names = list(splits)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
