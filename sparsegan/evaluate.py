@@ -1,8 +1,8 @@
-"""Scoring, calibration of phi on validation (eq. 5) and evaluation on test, per variant.
+"""Scoring and evaluation on test, per variant; phi is calibrated on validation apart (eq. 5).
 
 Separate DVC stages, so that the test set can never influence phi: ``score_variant`` writes
-validation and test scores (and test anomaly maps), ``calibrate_variant`` reads the *validation*
-scores only, ``evaluate`` applies that phi to the test scores, and ``summarize`` gathers all
+validation and test scores (and test anomaly maps), ``sparsegan.metrics.calibrate_variant`` reads
+the *validation* scores only, ``evaluate`` applies that phi to the test scores, and ``summarize`` gathers all
 variants into ``reports/metrics.json`` and ``reports/table1.md``.
 """
 
@@ -20,10 +20,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from .data.dataset import iterate_batches, load_split
-from .metrics import calibrate_phi, detection_metrics, pixel_auroc, roc_table
+from .metrics import detection_metrics, pixel_auroc, roc_table
 from .params import Params
 from .stats import delong_test, paired_bootstrap, patient_bootstrap
-from .train import load_detector, resolve_device
+from .train import load_trained, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def score_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
     """Write ``out_dir/{val,test}.csv`` (index + score), ``test_maps.npz`` and ``timing.json``."""
     device = resolve_device(params.train.device)
     torch.manual_seed(params.seed)  # AnoGAN's search draws its start from torch's RNG
-    detector = load_detector(variant, params, model_dir, device)
+    detector = load_trained(model_dir, device, variant=variant, scoring=params).detector
     out_dir.mkdir(parents=True, exist_ok=True)
     timing = {}
     for split in ("val", "test"):
@@ -72,21 +72,6 @@ def score_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
         if maps:
             np.savez_compressed(out_dir / "test_maps.npz", **maps)
     (out_dir / "timing.json").write_text(json.dumps(timing, indent=1))
-
-
-def calibrate_variant(params: Params, scores_dir: Path, out_path: Path) -> dict:
-    """phi from validation scores only (eq. 5), with the validation operating point."""
-    val = pd.read_csv(scores_dir / "val.csv")
-    c = params.calibrate
-    phi = calibrate_phi(val["label"].to_numpy(), val["score"].to_numpy(), c.criterion,
-                        c.target_sensitivity)
-    result = {"phi": phi, "criterion": c.criterion,
-              "validation": detection_metrics(val["label"].to_numpy(), val["score"].to_numpy(), phi)}
-    if c.criterion == "sensitivity":
-        result["target_sensitivity"] = c.target_sensitivity
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1))
-    return result
 
 
 def evaluate_variant(variant: str, scores_dir: Path, report_dir: Path,
@@ -214,7 +199,7 @@ def _log_to_mlflow(variant: str, params: Params, model_dir: Path, metrics: dict,
         mlflow.set_tag("calibrate.criterion", metrics["criterion"])
         for name in ("calibration.json", "metrics.json", "roc.csv"):
             mlflow.log_artifact(str(report_dir / name))
-        mlflow.pytorch.log_model(load_detector(variant, params, model_dir), name="model",
+        mlflow.pytorch.log_model(load_trained(model_dir, variant=variant).detector, name="model",
                                  serialization_format="pickle",
                                  pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 

@@ -6,8 +6,13 @@ chosen on the validation set only; the test set never chooses phi, a checkpoint 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from .params import Params
 
 
 def candidate_thresholds(scores: np.ndarray) -> np.ndarray:
@@ -85,3 +90,21 @@ def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
     if truth.all() or not truth.any():
         return float("nan")
     return float(roc_auc_score(truth, maps.reshape(-1)))
+
+
+def calibrate_variant(params: Params, scores_dir: Path, out_path: Path) -> dict:
+    """Stage calibrate@<variant>: phi from ``scores_dir/val.csv`` only (eq. 5), with the
+    validation operating point, to ``out_path``."""
+    import pandas as pd
+
+    val = pd.read_csv(scores_dir / "val.csv")
+    c = params.calibrate
+    phi = calibrate_phi(val["label"].to_numpy(), val["score"].to_numpy(), c.criterion,
+                        c.target_sensitivity)
+    result = {"phi": phi, "criterion": c.criterion,
+              "validation": detection_metrics(val["label"].to_numpy(), val["score"].to_numpy(), phi)}
+    if c.criterion == "sensitivity":
+        result["target_sensitivity"] = c.target_sensitivity
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1))
+    return result

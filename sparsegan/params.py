@@ -279,6 +279,22 @@ class Params:
                              "when data.source is 'folder'")
 
 
+# Knobs read only when a trained model scores images: scoring uses their current values, every
+# other param of a trained model comes from its model.pt (sparsegan.train.load_trained).
+SCORING_KNOBS: dict[str, tuple[str, ...]] = {
+    "anogan": ("search_steps", "search_lr", "search_init", "weight"),
+}
+
+
+def with_scoring(trained: Params, current: Params) -> Params:
+    """``trained`` with the :data:`SCORING_KNOBS` of ``current``."""
+    for section, keys in SCORING_KNOBS.items():
+        cur = getattr(current, section)
+        new = dataclasses.replace(getattr(trained, section), **{k: getattr(cur, k) for k in keys})
+        trained = dataclasses.replace(trained, **{section: new})
+    return trained
+
+
 def check_variant(variant: str) -> str:
     """``variant`` (a stage's argument) if it is one of :data:`VARIANTS`, else ParamError."""
     if variant not in VARIANTS:

@@ -7,16 +7,17 @@ Usage (from the repository root, after ``dvc repro``)::
 
 Options: ``--models models`` (reads ``<models>/<variant>/model.pt``), ``--calibration
 reports/variants`` (reads ``<calibration>/<variant>/calibration.json``, the phi chosen on the
-validation set), ``--params params.yaml`` (the architecture the model was trained with),
-``--batch-size`` and ``--device`` (default: ``train.batch_size`` / ``train.device`` of the params),
-``--alpha`` (heatmap opacity, 0.45).
+validation set), ``--batch-size`` (default: the model's ``train.batch_size``), ``--device``
+(default: auto), ``--alpha`` (heatmap opacity, 0.45). No params.yaml is read: ``model.pt``
+describes itself (architecture, image size, the preprocessing it was trained on).
 
 Inputs are image files or folders; folders are searched recursively for ``.jpeg .jpg .png .tif
 .tiff .bmp`` (any case; hidden files skipped; other files are listed as ignored). A file named
 explicitly is always tried. Any size and mode is accepted and converted exactly as in training
 (:func:`sparsegan.data.preprocess.load_gray`: RGB -> luma, alpha composited on black, 16-bit
 stretched from its own min..max, resized to the model's image size without keeping the aspect
-ratio, white registration corners filled when the params' ``preprocess.fill_corners`` is on).
+ratio, white registration corners filled when the model was trained with
+``preprocess.fill_corners`` on).
 
 Writes into ``--out``:
 
@@ -34,7 +35,7 @@ unreadable, not an image, truncated, too small, ...) is reported on stderr as ``
 <reason>`` and the others are still processed.
 
 Exit status: 0 when every input was scored, 1 when any failed (or none was found), 2 for a usage
-error (unknown variant, missing model or calibration, params that do not fit the model), with one
+error (unknown variant, missing, old or damaged model, missing calibration), with one
 line naming what to run, e.g. ``dvc repro train@sparse_gan``.
 """
 
@@ -75,13 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder holding <variant>/model.pt (default: models)")
     p.add_argument("--calibration", type=Path, default=Path("reports/variants"),
                    help="folder holding <variant>/calibration.json (default: reports/variants)")
-    p.add_argument("--params", type=Path, default=Path("params.yaml"),
-                   help="the params.yaml the model was trained with (default: params.yaml)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per scoring batch (default: train.batch_size)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                   help="default: train.device")
+                   help="images per scoring batch (default: the model's train.batch_size)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="default: auto (CUDA when there is one)")
     p.add_argument("--alpha", type=float, default=0.45, help="heatmap opacity (default: 0.45)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     return parser
@@ -149,34 +148,15 @@ def overlay_image(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45,
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
 
 
-def load_model(variant: str, params, models_dir: Path, params_path: Path, device):
-    """``(detector in eval mode, image size)`` from ``models_dir/<variant>/model.pt``."""
-    from .models import build_detector
-    from .train import CheckpointError, config_hash, load_trusted
+def load_model(variant: str, models_dir: Path, device):
+    """The trained model of ``models_dir/<variant>/model.pt`` (:func:`sparsegan.train.load_trained`)."""
+    from .train import CheckpointError, load_trained
 
-    path = models_dir / variant / "model.pt"
-    if not path.is_file():
-        raise UsageError(f"{path}: no trained model; run `dvc repro train@{variant}` "
-                         f"(or pass --models)")
     try:
-        state = load_trusted(path, "trained model", ("image_size", "model"))
+        return load_trained(models_dir / variant, device, variant=variant)
     except CheckpointError as exc:
-        raise UsageError(f"{exc} (`dvc repro train@{variant}` makes a new one)") from None
-    size = int(state["image_size"])
-    if state.get("variant", variant) != variant:
-        raise UsageError(f"{path} holds variant {state['variant']!r}, not {variant!r}")
-    detector = build_detector(variant, params, size)
-    try:
-        detector.load_state_dict(state["model"])
-    except RuntimeError:
-        raise UsageError(f"{path} does not fit the architecture of {params_path} "
-                         f"(model.base_channels, srn, latent sizes): pass --params with the "
-                         f"params.yaml it was trained with, or re-run `dvc repro train@{variant}`"
-                         ) from None
-    if state.get("config") not in (None, config_hash(variant, params, size)):
-        print(f"warning: {path} was trained with params other than {params_path}; using it "
-              f"anyway", file=sys.stderr)
-    return detector.to(device).eval(), size
+        raise UsageError(f"{exc} (or pass --models)" if "no trained model" in str(exc)
+                         else str(exc)) from None
 
 
 def load_phi(variant: str, calibration_dir: Path) -> float:
@@ -204,21 +184,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace | int:
 
 def predict(args: argparse.Namespace) -> int:
     """The ``predict`` command; returns 0 or 1, raises :class:`UsageError`."""
-    from .params import VARIANTS, ParamError, load_params
+    from .params import VARIANTS
 
     if args.variant not in VARIANTS:
         raise UsageError(f"unknown variant {args.variant!r}: choose one of {', '.join(VARIANTS)}")
-    if not args.params.is_file():
-        raise UsageError(f"{args.params}: not found; pass --params with the params.yaml the "
-                         f"model was trained with")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0 <= args.alpha <= 1:
         raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
-    try:
-        params = load_params(args.params)
-    except ParamError as exc:
-        raise UsageError(str(exc)) from None
 
     import torch  # after the cheap checks: a usage error answers at once
     from PIL import Image
@@ -228,10 +201,11 @@ def predict(args: argparse.Namespace) -> int:
     from .train import resolve_device
 
     try:
-        device = resolve_device(args.device or params.train.device)
+        device = resolve_device(args.device)
     except RuntimeError as exc:
         raise UsageError(str(exc)) from None
-    detector, size = load_model(args.variant, params, args.models, args.params, device)
+    model = load_model(args.variant, args.models, device)
+    detector, size, params = model.detector, model.image_size, model.params
     phi = load_phi(args.variant, args.calibration)
     batch_size = args.batch_size or params.train.batch_size
 

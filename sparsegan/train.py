@@ -50,6 +50,7 @@ Speed (``scripts/bench.py`` measures each point; ``make bench``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -59,7 +60,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -68,7 +69,7 @@ from . import distributed
 from .cli import StageError
 from .data.dataset import iterate_batches, load_split
 from .models import Detector, build_detector
-from .params import Params, check_variant
+from .params import ParamError, Params, check_variant, parse_params, with_scoring
 from .tracking import check_tracking, flatten, start_run
 
 CHECKPOINT_KEYS = ("config", "epoch", "history", "mlflow_run_id", "model", "optimizers", "rng")
@@ -400,8 +401,8 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
         distributed.teardown()
         return history
     model_dir.mkdir(parents=True, exist_ok=True)
-    _save_atomic({"variant": variant, "image_size": image_size, "config": config,
-                  "model": detector.state_dict()}, model_dir / "model.pt")
+    _save_atomic(model_file(variant, params, image_size, config, detector.state_dict()),
+                 model_dir / "model.pt")
     (model_dir / "history.json").write_text(json.dumps(history, indent=1))
     (model_dir / "mlflow_run.json").write_text(json.dumps({"run_id": run_id}))
     checkpoint.unlink(missing_ok=True)
@@ -409,20 +410,57 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
     return history
 
 
-def load_detector(variant: str, params: Params, model_dir: Path,
-                  device: torch.device | None = None) -> Detector:
-    """The trained detector of ``model_dir/model.pt``, in eval mode (read with
-    ``weights_only=True``: an unsafe or foreign file raises CheckpointError)."""
-    check_variant(variant)
-    path = model_dir / "model.pt"
+MODEL_FORMAT = 2  # 2: the file holds the params it was trained with (1: weights only)
+TRAINED_SECTIONS = ("seed", "preprocess", "model", "srn", "train", "anogan", "fanogan")
+
+
+class Trained(NamedTuple):
+    """A trained model as read from its ``model.pt``, ready to score (eval mode)."""
+
+    detector: Detector
+    variant: str
+    image_size: int
+    params: Params  # what it was trained with (``with_scoring`` applied when asked)
+
+
+def model_file(variant: str, params: Params, image_size: int, config: str, weights: dict) -> dict:
+    """The content of ``model.pt``: enough to rebuild the detector without any params.yaml
+    (variant, image size, the training params of :data:`TRAINED_SECTIONS`, the preprocessing
+    the scans must get), plain data and tensors only so that it loads with ``weights_only``."""
+    stored = {k: v for k, v in dataclasses.asdict(params).items() if k in TRAINED_SECTIONS}
+    return {"format": MODEL_FORMAT, "variant": variant, "image_size": image_size,
+            "config": config, "params": stored, "model": weights}
+
+
+def load_trained(model_dir: Path, device: torch.device | None = None, *,
+                 variant: str | None = None, scoring: Params | None = None) -> Trained:
+    """The detector of ``model_dir/model.pt``, rebuilt from the params stored in it: the one
+    loader of scoring, evaluation and ``sparsegan predict``. ``variant``: the variant the caller
+    expects (another one is an error); ``scoring``: current params whose scoring-only knobs
+    (:data:`sparsegan.params.SCORING_KNOBS`) replace the stored ones. Read with
+    ``weights_only=True``; an unsafe, foreign, damaged or pre-format-2 file raises
+    CheckpointError naming the file and what to run."""
+    path = Path(model_dir) / "model.pt"
+    what = f"train@{variant}" if variant else "train@<variant>"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no trained model; run `dvc repro train@{variant}` first")
+        raise CheckpointError(f"{path}: no trained model; run `dvc repro {what}` first")
     state = load_trusted(path, "trained model", ("image_size", "model"))
-    detector = build_detector(variant, params, state["image_size"])
+    stored = state.get("variant")
+    if "params" not in state or stored is None:
+        raise CheckpointError(f"{path}: a model file from before model files described "
+                              f"themselves (no stored params); re-make it with `dvc repro "
+                              f"{what}`")
+    if variant is not None and stored != variant:
+        raise CheckpointError(f"{path} holds variant {stored!r}, not {variant!r}")
     try:
+        params = parse_params(state["params"])
+        if scoring is not None:
+            params = with_scoring(params, scoring)
+        detector = build_detector(check_variant(stored), params, int(state["image_size"]))
         detector.load_state_dict(state["model"])
-    except RuntimeError:
-        raise CheckpointError(f"{path}: its weights do not fit variant {variant} with the current "
-                              f"params (trained with other model params?); re-run "
-                              f"`dvc repro train@{variant}`") from None
-    return detector.to(device or torch.device("cpu")).eval()
+    except (ParamError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: its weights do not fit the architecture it describes "
+                              f"({' '.join(str(exc).split())[:120]}); damaged, or made by "
+                              f"another version: re-make it with `dvc repro {what}`") from None
+    return Trained(detector.to(device or torch.device("cpu")).eval(), stored,
+                   int(state["image_size"]), params)

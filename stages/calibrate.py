@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from sparsegan.cli import run_stage
-from sparsegan.evaluate import calibrate_variant
+from sparsegan.metrics import calibrate_variant
 from sparsegan.params import load_params
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sparsegan.evaluate import calibrate_variant
+from sparsegan.metrics import calibrate_variant
 from sparsegan.metrics import calibrate_phi, candidate_thresholds, detection_metrics
 from sparsegan.params import CalibrateParams, Params
 

@@ -398,3 +398,29 @@ def test_discriminator_loss_is_zero_for_a_perfect_d_and_log2_at_chance():
     zero = torch.zeros(5)
     assert float(discriminator_loss(zero, zero)) == pytest.approx(math.log(2), rel=1e-6)
     assert float(discriminator_loss(-big, big)) > 10  # and large for a fooled D
+
+
+def test_model_file_rebuilds_its_detector_and_takes_only_scoring_knobs_from_current_params(
+        tmp_path):
+    """model.pt describes its architecture: loading it ignores the current params' model and
+    training knobs (another width, latent size) but uses their scoring-only knobs."""
+    from sparsegan.models import build_detector
+    from sparsegan.params import AnoganParams, Params
+    from sparsegan.train import load_trained, model_file
+
+    trained = Params(model=ModelParams(base_channels=4),
+                     anogan=AnoganParams(latent_dim=8, search_steps=3))
+    torch.manual_seed(0)
+    detector = build_detector("anogan", trained, 32)
+    (tmp_path / "anogan").mkdir()
+    torch.save(model_file("anogan", trained, 32, "x", detector.state_dict()),
+               tmp_path / "anogan" / "model.pt")
+    current = Params(model=ModelParams(base_channels=16),
+                     anogan=AnoganParams(latent_dim=64, search_steps=7, weight=0.3))
+    m = load_trained(tmp_path / "anogan", variant="anogan", scoring=current)
+    assert (m.variant, m.image_size) == ("anogan", 32)
+    assert m.params.model.base_channels == 4 and m.params.anogan.latent_dim == 8
+    assert m.params.anogan.search_steps == 7 and m.params.anogan.weight == 0.3
+    for a, b in zip(m.detector.state_dict().values(), detector.state_dict().values()):
+        assert torch.equal(a, b)
+    assert load_trained(tmp_path / "anogan").params.anogan.search_steps == 3

@@ -15,9 +15,9 @@ from PIL import Image
 from sparsegan.data.dataset import to_float
 from sparsegan.data.preprocess import load_gray
 from sparsegan.models import build_detector
-from sparsegan.params import ModelParams, Params
+from sparsegan.params import ModelParams, Params, PreprocessParams
 from sparsegan.predict import main, overlay_image
-from sparsegan.train import config_hash
+from sparsegan.train import config_hash, model_file
 
 SIZE = 32
 
@@ -32,17 +32,15 @@ def scan(w: int, h: int, seed: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    """models/sparse_gan/model.pt saved as train_variant saves it, params.yaml, and a
-    calibration.json whose phi splits the good test images."""
+    """models/sparse_gan/model.pt saved as train_variant saves it (no params.yaml anywhere: the
+    model file describes itself) and a calibration.json whose phi splits the good test images."""
     root = tmp_path_factory.mktemp("repo")
     params = Params(model=ModelParams(base_channels=4))
-    (root / "params.yaml").write_text("seed: 0\nmodel:\n  base_channels: 4\n")
     torch.manual_seed(0)
     detector = build_detector("sparse_gan", params, SIZE).eval()
     (root / "models" / "sparse_gan").mkdir(parents=True)
-    torch.save({"variant": "sparse_gan", "image_size": SIZE,
-                "config": config_hash("sparse_gan", params, SIZE),
-                "model": detector.state_dict()}, root / "models" / "sparse_gan" / "model.pt")
+    torch.save(model_file("sparse_gan", params, SIZE, config_hash("sparse_gan", params, SIZE),
+                          detector.state_dict()), root / "models" / "sparse_gan" / "model.pt")
 
     scans = root / "scans"
     (scans / "sub").mkdir(parents=True)
@@ -73,8 +71,7 @@ def repo(tmp_path_factory):
 def run(repo, *inputs, variant="sparse_gan", extra=(), out="preds"):
     root = repo["root"]
     argv = ["predict", "--variant", variant, "--models", str(root / "models"),
-            "--calibration", str(root / "reports" / "variants"),
-            "--params", str(root / "params.yaml"), "--out", str(root / out),
+            "--calibration", str(root / "reports" / "variants"), "--out", str(root / out),
             "--batch-size", "2", "--device", "cpu", *extra, *map(str, inputs)]
     return main(argv)
 
@@ -133,7 +130,7 @@ def test_missing_input_is_a_failure_but_others_are_scored(repo, capsys):
     ("variant", "unknown variant 'sparse'"),
     ("model", "dvc repro train@pix2pix_latent"),
     ("calibration", "dvc repro calibrate@sparse_gan"),
-    ("params", "does not fit the architecture"),
+    ("old model", "from before model files described themselves"),
 ])
 def test_usage_errors_exit_2_with_one_line(repo, tmp_path, capsys, case, needle):
     root = repo["root"]
@@ -141,14 +138,17 @@ def test_usage_errors_exit_2_with_one_line(repo, tmp_path, capsys, case, needle)
     if case in ("variant", "model"):
         code = run(repo, repo["scans"], **argv)
     else:
-        models, calib, params = root / "models", root / "reports" / "variants", root / "params.yaml"
+        models, calib = root / "models", root / "reports" / "variants"
         if case == "calibration":
             calib = tmp_path / "empty"
-        else:
-            params = tmp_path / "params.yaml"
-            params.write_text("model:\n  base_channels: 8\n")
+        else:  # a model.pt of the weights-only layout of earlier versions
+            models = tmp_path / "models"
+            (models / "sparse_gan").mkdir(parents=True)
+            old = torch.load(root / "models" / "sparse_gan" / "model.pt", weights_only=True)
+            torch.save({k: old[k] for k in ("variant", "image_size", "config", "model")},
+                       models / "sparse_gan" / "model.pt")
         code = main(["predict", "--variant", "sparse_gan", "--models", str(models),
-                     "--calibration", str(calib), "--params", str(params),
+                     "--calibration", str(calib),
                      "--out", str(tmp_path / "out"), str(repo["scans"])])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -188,9 +188,8 @@ def test_variant_without_aam_uses_the_difference_map_and_16bit_input(repo, tmp_p
     torch.manual_seed(1)
     detector = build_detector("autoencoder", params, SIZE).eval()
     (tmp_path / "models" / "autoencoder").mkdir(parents=True)
-    torch.save({"variant": "autoencoder", "image_size": SIZE,
-                "config": config_hash("autoencoder", params, SIZE),
-                "model": detector.state_dict()}, tmp_path / "models" / "autoencoder" / "model.pt")
+    torch.save(model_file("autoencoder", params, SIZE, config_hash("autoencoder", params, SIZE),
+                          detector.state_dict()), tmp_path / "models" / "autoencoder" / "model.pt")
     (tmp_path / "cal" / "autoencoder").mkdir(parents=True)
     (tmp_path / "cal" / "autoencoder" / "calibration.json").write_text(json.dumps({"phi": 0.0}))
     deep = (scan(80, 60, 7).astype(np.uint16) * 16)  # 12-bit data in a 16-bit PNG
@@ -198,8 +197,7 @@ def test_variant_without_aam_uses_the_difference_map_and_16bit_input(repo, tmp_p
     with Image.open(tmp_path / "deep.png") as im:
         assert im.mode.startswith("I")
     code = main(["predict", "--variant", "autoencoder", "--models", str(tmp_path / "models"),
-                 "--calibration", str(tmp_path / "cal"), "--params", str(root / "params.yaml"),
-                 "--out", str(tmp_path / "out"), "--device", "cpu", str(tmp_path / "deep.png")])
+                 "--calibration", str(tmp_path / "cal"), "--out", str(tmp_path / "out"), "--device", "cpu", str(tmp_path / "deep.png")])
     assert code == 0, capsys.readouterr().err
     (row,) = read_rows(tmp_path / "out" / "predictions.csv")
     gray = load_gray(tmp_path / "deep.png", SIZE)
@@ -216,12 +214,35 @@ def test_variant_without_aam_uses_the_difference_map_and_16bit_input(repo, tmp_p
     assert np.abs(pixels.astype(int) - expected).max() <= 1
 
 
-def test_params_other_than_training_give_a_warning_not_an_error(repo, tmp_path, capsys):
+def test_predict_needs_no_params_yaml_and_uses_the_models_preprocessing(repo, tmp_path,
+                                                                        monkeypatch, capsys):
+    """Run from a folder without params.yaml: everything comes from model.pt, including the
+    corner filling the model was trained with (a white wedge is filled only for such a model)."""
     root = repo["root"]
-    params = tmp_path / "params.yaml"
-    params.write_text("seed: 0\nmodel:\n  base_channels: 4\ntrain:\n  epochs: 3\n")
-    code = main(["predict", "--variant", "sparse_gan", "--models", str(root / "models"),
-                 "--calibration", str(root / "reports" / "variants"), "--params", str(params),
-                 "--out", str(tmp_path / "out"), str(repo["scans"] / "gray1.jpeg")])
-    assert code == 0
-    assert "trained with params other than" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert not (tmp_path / "params.yaml").exists()
+    img = scan(90, 70, 1)
+    img[:12, :30] = 255  # a registration corner
+    Image.fromarray(img).save(tmp_path / "corner.png")
+    scores = {}
+    for fill in (False, True):
+        params = Params(model=ModelParams(base_channels=4),
+                        preprocess=PreprocessParams(fill_corners=fill))
+        torch.manual_seed(0)
+        detector = build_detector("sparse_gan", params, SIZE).eval()
+        models = tmp_path / f"models{int(fill)}"
+        (models / "sparse_gan").mkdir(parents=True)
+        torch.save(model_file("sparse_gan", params, SIZE, "x", detector.state_dict()),
+                   models / "sparse_gan" / "model.pt")
+        out = tmp_path / f"out{int(fill)}"
+        code = main(["predict", "--variant", "sparse_gan", "--models", str(models),
+                     "--calibration", str(root / "reports" / "variants"), "--out", str(out),
+                     "--device", "cpu", "corner.png"])
+        assert code == 0, capsys.readouterr().err
+        (row,) = read_rows(out / "predictions.csv")
+        with torch.no_grad():
+            x = to_float(load_gray(tmp_path / "corner.png", SIZE, fill)[None, None])
+            assert float(row["score"]) == pytest.approx(float(detector.score(x).score[0]),
+                                                        rel=1e-5)
+        scores[fill] = float(row["score"])
+    assert scores[False] != scores[True]

@@ -1,5 +1,5 @@
 """Point 5, files from outside: a checkpoint or model whose pickle would run code (here: create a
-file) is refused by every loader (load_detector, the resume path, the score stage) without
+file) is refused by every loader (load_trained, the resume path, the score stage) without
 running it; crafted tar and zip archives with escaping members are refused and write nothing
 outside the target (tests/test_download.py has the full matrix: devices, FIFOs, NUL names...);
 downloads are verified (size, SHA-256) before use."""
@@ -22,7 +22,7 @@ from reliability_helpers import error_line, make_processed, run_stage, write_par
 from sparsegan.data.download import (ChecksumError, DownloadError, UnsafeArchiveError, download,
                                      safe_extract)
 from sparsegan.params import load_params
-from sparsegan.train import CheckpointError, load_detector, train_variant
+from sparsegan.train import CheckpointError, load_trained, train_variant
 
 
 class Payload:
@@ -62,7 +62,7 @@ def test_pickle_payload_in_model_and_checkpoint_never_runs(tmp_path, guard, ledg
     ledger.faults(3)
 
     with pytest.raises(CheckpointError, match="refused to load this trained model") as info:
-        load_detector("sparse_gan", params, model.parent)
+        load_trained(model.parent, variant="sparse_gan")
     assert str(model) in str(info.value) and "could run code" in str(info.value)
     assert not pwned.exists()
 
@@ -85,17 +85,20 @@ def test_pickle_payload_in_model_and_checkpoint_never_runs(tmp_path, guard, ledg
     (b"PK\x03\x04 truncated zip", "not a readable trained model"),
     (b"", "not a readable trained model"),
     (None, "not a trained model of this pipeline"),
+    ("v1", "from before model files described themselves"),
 ])
 def test_corrupt_or_foreign_model_files_give_a_clear_error(tmp_path, ledger, content, match):
     model = tmp_path / "models/autoencoder/model.pt"
     model.parent.mkdir(parents=True)
     if content is None:
         torch.save({"weights": torch.zeros(3)}, model)  # safe, but not ours
+    elif content == "v1":  # the weights-only layout of earlier versions: no stored params
+        torch.save({"variant": "autoencoder", "image_size": 32, "model": {}}, model)
     else:
         model.write_bytes(content)
     ledger.inputs()
     with pytest.raises(CheckpointError, match=match):
-        load_detector("autoencoder", load_params(write_params(tmp_path)), model.parent)
+        load_trained(model.parent, variant="autoencoder")
 
 
 # ------------------------------------------------------------------------------------ archives

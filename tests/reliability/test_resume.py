@@ -21,7 +21,7 @@ from reliability_helpers import (PYTHON, REPO, STAGES, make_processed, run_stage
 from sparsegan.data.dataset import load_split
 from sparsegan.evaluate import score_images
 from sparsegan.params import VARIANTS, load_params
-from sparsegan.train import load_detector, train_variant
+from sparsegan.train import load_trained, train_variant
 
 # Runs stages/train.py exactly as DVC does, with each batch slowed down (which changes no number)
 # and announced on stdout as "STEP <epoch> <step>", so that the test can kill it mid-epoch.
@@ -78,7 +78,7 @@ def _reference(tmp_path: Path, variant: str, params_file: Path) -> Path:
 def _scores(variant: str, params_file: Path, model_dir: Path, processed: Path) -> torch.Tensor:
     params = load_params(params_file)
     torch.manual_seed(0)
-    detector = load_detector(variant, params, model_dir)
+    detector = load_trained(model_dir, variant=variant, scoring=params).detector
     images, _, _ = load_split(processed, "val")
     scores, _ = score_images(detector, images, 8, torch.device("cpu"), keep_maps=False)
     return torch.from_numpy(scores)
