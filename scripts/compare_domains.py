@@ -4,7 +4,8 @@
 
 Reads the preprocessed ``train.npy`` (normal scans only, uint8 ``[N, 1, S, S]``) of two datasets
 and reports per statistic the mean and sd over scans in each, and the standardised difference
-(Cohen's d, pooled sd): intensity (mean, sd, percentiles, share of near-black pixels), the
+(Cohen's d, pooled sd): intensity (mean, sd, percentiles, share of near-black and of near-white pixels: the
+registration corners), the
 vertical profile (brightest row, height of the bright band), texture (share of the variance in
 the finest scale, the speckle: ``image - blur``, and its horizontal/vertical lag-1
 autocorrelation) and edges (mean gradient magnitude). A large |d| names what the generator
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,11 @@ def scan_stats(images: np.ndarray) -> dict[str, np.ndarray]:
     flat = x.reshape(n, -1)
     blur = ndimage.gaussian_filter(x, sigma=(0, 1.0, 1.0))
     fine = x - blur
-    rows = x.mean(axis=2)  # (N, S): vertical profile
+    # vertical profile without the white registration corners (NaN rows: all white)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-white row: NaN, filled below
+        rows = np.nanmean(np.where(x > 0.95, np.nan, x), axis=2)  # (N, S)
+    rows = np.where(np.isnan(rows), np.nanmin(rows, axis=1, keepdims=True), rows)
     peak = rows.argmax(axis=1) / x.shape[1]
     band = (rows > rows.min(axis=1, keepdims=True)
             + 0.5 * (rows.max(axis=1, keepdims=True) - rows.min(axis=1, keepdims=True))).mean(1)
@@ -46,7 +52,7 @@ def scan_stats(images: np.ndarray) -> dict[str, np.ndarray]:
         "mean": flat.mean(1), "sd": flat.std(1),
         "p05": np.percentile(flat, 5, axis=1), "p50": np.percentile(flat, 50, axis=1),
         "p95": np.percentile(flat, 95, axis=1), "p99": np.percentile(flat, 99, axis=1),
-        "black_share": (flat < 0.05).mean(1),
+        "black_share": (flat < 0.05).mean(1), "white_share": (flat > 0.95).mean(1),
         "brightest_row": peak, "bright_band_height": band,
         "fine_variance_share": fine.reshape(n, -1).var(1) / np.maximum(flat.var(1), 1e-12),
         "speckle_sd": fine.reshape(n, -1).std(1),

@@ -39,7 +39,7 @@ from sparsegan.models.anomaly import image_anomaly_score, latent_anomaly_score  
 from sparsegan.params import parse_params  # noqa: E402
 from sparsegan.stats import patient_codes  # noqa: E402
 from sparsegan.models.sparse_gan import ReconstructionDetector  # noqa: E402
-from sparsegan.train import load_detector, train_variant  # noqa: E402
+from sparsegan.train import load_trained, train_variant  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from real_study import REAL_SPLIT  # noqa: E402
@@ -68,10 +68,10 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def prepare(raw_params: dict) -> Path:
-    """The processed arrays for these data/preprocess params (stage scripts, run once)."""
+def prepare(raw_params: dict, label: str) -> Path:
+    """The processed arrays for these data/preprocess params (stage scripts, run once per label)."""
     d, pre = raw_params["data"], raw_params.get("preprocess", {})
-    key = f"{d['source']}-s{d.get('image_size', 64)}-c{int(pre.get('fill_corners', True))}"
+    key = f"{label}-s{d.get('image_size', 64)}-c{int(pre.get('fill_corners', True))}"
     work = ROOT / "studies" / ".work" / key
     if (work / "data" / "processed" / "val.npy").is_file():
         return work / "data" / "processed"
@@ -110,7 +110,7 @@ def held_out_calibration(labels: np.ndarray, scores: np.ndarray, groups: np.ndar
 def diagnose(variant: str, params, model_dir: Path, processed: Path, seed: int) -> dict:
     images, index, _ = load_split(processed, "val")
     labels = index["label"].to_numpy()
-    detector = load_detector(variant, params, model_dir)
+    detector = load_trained(model_dir, variant=variant, scoring=params).detector
     own, extra = [], {}
     for x in iterate_batches(images, 64, shuffle=False):
         out = detector.score(x)
@@ -152,14 +152,17 @@ def diagnose(variant: str, params, model_dir: Path, processed: Path, seed: int) 
     return result
 
 
-def run(folder: Path | None, check: str, seeds: list[int], settings: list[str] | None) -> None:
+def run(folder: Path | None, check: str, seeds: list[int], settings: list[str] | None,
+        label: str | None = None) -> None:
     """``folder`` None: the same check on the default synthetic data (for the comparison of
-    synthetic and real rankings)."""
+    synthetic and real rankings). ``label`` names the data in the records (default "real" or
+    "synthetic"); a new label after a change of the defaults or of the generator keeps the
+    earlier records apart and re-makes the data and models (they are cached by label)."""
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     if folder is None:
-        real, data = base, "synthetic"
+        real, data = base, label or "synthetic"
     else:
-        real, data = merge(base, REAL), "real"
+        real, data = merge(base, REAL), label or "real"
         real["data"]["folder"] = str(folder.resolve())
         real["data"]["patients"] = str((ROOT / "studies" / "real" / "patients.csv").resolve())
     out = ROOT / "studies" / "real" / "checks.jsonl"
@@ -167,7 +170,7 @@ def run(folder: Path | None, check: str, seeds: list[int], settings: list[str] |
         if settings and name not in settings:
             continue
         raw = merge(real, over)
-        processed = prepare(raw)
+        processed = prepare(raw, data)
         for seed in seeds:
             raw["seed"] = seed
             params = parse_params(raw)
@@ -229,25 +232,123 @@ def summary(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Table 1's six rows as (trained variant, record field of its validation AUC): pix2pix #1 is the
+# image score of the pix2pix model that the checks train once.
+ROWS = {"autoencoder": ("autoencoder", "val_auc"), "anogan": ("anogan", "val_auc"),
+        "fanogan": ("fanogan", "val_auc"),
+        "pix2pix_image": ("pix2pix_latent", "val_auc_pix2pix_image"),
+        "pix2pix_latent": ("pix2pix_latent", "val_auc"), "sparse_gan": ("sparse_gan", "val_auc")}
+
+
+def row_aucs(records: list[dict], label: str) -> dict[str, dict[int, float]]:
+    """Row -> seed -> validation AUC of the baseline check on the data ``label`` (the latest
+    record wins)."""
+    out: dict[str, dict[int, float]] = {}
+    for r in records:
+        if r.get("data", "real") != label or r["check"] != "baseline":
+            continue
+        for row, (variant, field) in ROWS.items():
+            if r["variant"] == variant and field in r:
+                out.setdefault(row, {})[r["seed"]] = r[field]
+    return out
+
+
+def agreement(a: dict[str, dict[int, float]], b: dict[str, dict[int, float]]) -> dict:
+    """How alike two data sets rank the six rows by validation AUC: Spearman and Kendall of the
+    means over seeds, and Spearman over every pair (seed of a, seed of b); for scale, the
+    Spearman between seeds within each data set (how far one seed's ranking is from another's)."""
+    from scipy.stats import kendalltau, spearmanr
+
+    rows = sorted(set(a) & set(b))
+    if len(rows) < 3:
+        raise SystemExit(f"agreement: only {len(rows)} rows in both data sets; run the baseline "
+                         f"check on both first")
+    seeds_a = sorted(set.intersection(*(set(a[r]) for r in rows)))
+    seeds_b = sorted(set.intersection(*(set(b[r]) for r in rows)))
+    mean_a = [float(np.mean([a[r][s] for s in seeds_a])) for r in rows]
+    mean_b = [float(np.mean([b[r][s] for s in seeds_b])) for r in rows]
+
+    def rho(x: list[float], y: list[float]) -> float:
+        return float(spearmanr(x, y).statistic)
+
+    def col(d, s):
+        return [d[r][s] for r in rows]
+
+    pairs = [rho(col(a, sa), col(b, sb)) for sa in seeds_a for sb in seeds_b]
+
+    def within(d, seeds):
+        vals = [rho(col(d, s), col(d, t)) for i, s in enumerate(seeds) for t in seeds[i + 1:]]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    return {"rows": rows, "seeds_a": seeds_a, "seeds_b": seeds_b,
+            "mean_auc_a": dict(zip(rows, mean_a)), "mean_auc_b": dict(zip(rows, mean_b)),
+            "spearman_of_means": rho(mean_a, mean_b),
+            "kendall_of_means": float(kendalltau(mean_a, mean_b).statistic),
+            "spearman_seed_pairs": {"mean": float(np.mean(pairs)), "min": float(min(pairs)),
+                                    "max": float(max(pairs)), "n": len(pairs)},
+            "spearman_between_seeds_a": within(a, seeds_a),
+            "spearman_between_seeds_b": within(b, seeds_b)}
+
+
+def agreement_report(pairs: list[tuple[str, str]], records: list[dict]) -> tuple[dict, str]:
+    result = {f"{x} vs {y}": agreement(row_aucs(records, x), row_aucs(records, y))
+              for x, y in pairs}
+    lines = ["Rank agreement of the six rows' validation AUC (baseline check; validation only).",
+             "", "| data | seeds | Spearman of means | Kendall of means | Spearman over seed "
+             "pairs: mean [min, max] | Spearman between seeds (first / second) |",
+             "|---|---|---|---|---|---|"]
+    for key, g in result.items():
+        sp = g["spearman_seed_pairs"]
+        lines.append(f"| {key} | {','.join(map(str, g['seeds_a']))} / "
+                     f"{','.join(map(str, g['seeds_b']))} | {g['spearman_of_means']:.2f} | "
+                     f"{g['kendall_of_means']:.2f} | {sp['mean']:.2f} [{sp['min']:.2f}, "
+                     f"{sp['max']:.2f}] | {g['spearman_between_seeds_a']:.2f} / "
+                     f"{g['spearman_between_seeds_b']:.2f} |")
+    lines += ["", "Mean validation AUC over seeds per row:", "",
+              "| data | " + " | ".join(ROWS) + " |", "|---" * (len(ROWS) + 1) + "|"]
+    done = set()
+    for key, g in result.items():
+        for name, means in zip(key.split(" vs "), (g["mean_auc_a"], g["mean_auc_b"])):
+            if name not in done:
+                done.add(name)
+                lines.append(f"| {name} | " + " | ".join(
+                    f"{means[r]:.3f}" if r in means else "" for r in ROWS) + " |")
+    return result, "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--folder", type=Path, help="the real tree; omitted: the synthetic default")
     ap.add_argument("--check", choices=list(CHECKS))
     ap.add_argument("--setting", nargs="*")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--label", help="name of the data in the records (default: real / synthetic)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--summary", action="store_true", help="write studies/real/checks.md")
+    ap.add_argument("--agreement", nargs="+", metavar="A:B",
+                    help="rank agreement of data labels A and B (e.g. real2:synthetic3) -> "
+                         "studies/real/agreement.{json,md}")
     a = ap.parse_args()
     if a.summary:
         md = summary(ROOT / "studies" / "real" / "checks.jsonl")
         (ROOT / "studies" / "real" / "checks.md").write_text(md)
         print(md)
         return
+    if a.agreement:
+        records = [json.loads(x) for x in
+                   (ROOT / "studies" / "real" / "checks.jsonl").read_text().splitlines()]
+        pairs = [tuple(p.split(":", 1)) for p in a.agreement]
+        result, md = agreement_report(pairs, records)
+        (ROOT / "studies" / "real" / "agreement.json").write_text(json.dumps(result, indent=1)
+                                                                 + "\n")
+        (ROOT / "studies" / "real" / "agreement.md").write_text(md)
+        print(md)
+        return
     if a.list or not a.check:
         for c, s in CHECKS.items():
             print(c, {k: v[0] for k, v in s.items()})
         return
-    run(a.folder, a.check, a.seeds, a.setting)
+    run(a.folder, a.check, a.seeds, a.setting, a.label)
 
 
 if __name__ == "__main__":

@@ -174,7 +174,7 @@ def draw_anatomy(rng: np.random.Generator, height: int, width: int) -> Anatomy:
     nv = int(rng.integers(3, 10))
     return Anatomy(
         width=width, height=height,
-        bruch_depth=u(175, 300),
+        bruch_depth=u(150, 330),
         curvature=float(rng.choice([u(-15, 12), u(6, 42), u(30, 90)], p=[0.3, 0.5, 0.2])),
         bowl_center=u(0.3, 0.7),
         tilt=u(-55, 55) if rng.random() < 0.7 else u(-110, 110),
@@ -185,12 +185,12 @@ def draw_anatomy(rng: np.random.Generator, height: int, width: int) -> Anatomy:
         pit_width=u(0.045, 0.085),
         pit_depth=u(0.75, 1.0) if rng.random() < 0.85 else 0.0,
         slice_spread=u(0.5, 1.6),
-        vitreous=u(14, 40),
+        vitreous=u(2, 26),
         choroid_top=u(75, 140),
         choroid_decay=u(35, 100),
         choroid_lumen=u(0.15, 0.35),
-        deep=u(6, 20),
-        gain=u(0.95, 1.05),
+        deep=u(3, 15),
+        gain=u(0.95, 1.5),
         falloff=u(0.0, 0.35),
         noise=u(8, 15),
         noise_rel=u(0.25, 0.45),
@@ -198,7 +198,7 @@ def draw_anatomy(rng: np.random.Generator, height: int, width: int) -> Anatomy:
         vessels_w=rng.uniform(1.5, 4.0, nv),
         vessels_s=rng.uniform(0.05, 0.45, nv) ** 1.3,
         hyaloid=bool(rng.random() < 0.2),
-        corner_p=float(rng.choice([0.0, 0.4, 0.9], p=[0.65, 0.2, 0.15])),
+        corner_p=float(rng.choice([0.0, 0.4, 0.9], p=[0.3, 0.4, 0.3])),
         stage=float(rng.random() ** 0.6),  # skewed towards visible disease, as in OCT2017
     )
 
@@ -730,8 +730,8 @@ def _corners(rng: np.random.Generator, a: Anatomy, H: int, W: int) -> np.ndarray
     x = np.arange(W)[None, :]
     y = np.arange(H)[:, None]
     if rng.random() < 0.8:
-        slope = rng.uniform(0.01, 0.09) * (1 if rng.random() < 0.5 else -1)
-        off = rng.uniform(-0.01, 0.04) * H
+        slope = rng.uniform(0.005, 0.13) * (1 if rng.random() < 0.5 else -1)
+        off = rng.uniform(-0.01, 0.07) * H
         line = off + np.abs(slope) * (x if slope > 0 else W - x)
         m |= y < line
     if rng.random() < 0.4:

@@ -1,0 +1,51 @@
+"""The study scripts' own arithmetic: the rank agreement between data sets (real_checks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+@pytest.fixture(scope="module")
+def checks():
+    sys.path.insert(0, str(SCRIPTS))  # real_checks imports real_study
+    spec = importlib.util.spec_from_file_location("real_checks", SCRIPTS / "real_checks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _records(label, aucs_by_seed):
+    """Baseline records as real_checks writes them: pix2pix #1 is a field of pix2pix's record."""
+    out = []
+    for seed, (ae, ano, fano, p1, p2, sg) in aucs_by_seed.items():
+        for variant, auc, extra in (("autoencoder", ae, {}), ("anogan", ano, {}),
+                                    ("fanogan", fano, {}),
+                                    ("pix2pix_latent", p2, {"val_auc_pix2pix_image": p1}),
+                                    ("sparse_gan", sg, {})):
+            out.append({"data": label, "check": "baseline", "setting": "default",
+                        "variant": variant, "seed": seed, "val_auc": auc, **extra})
+    return out
+
+
+def test_agreement_of_same_reversed_and_seed_averaged_rankings(checks):
+    real = _records("r", {0: (0.8, 0.6, 0.5, 0.75, 0.7, 0.65), 1: (0.8, 0.6, 0.5, 0.75, 0.7, 0.45)})
+    same = _records("s", {0: (0.9, 0.7, 0.6, 0.85, 0.8, 0.75)})
+    reverse = _records("x", {0: (0.5, 0.7, 0.8, 0.55, 0.6, 0.65)})
+    records = real + same + reverse + [{**real[0], "check": "epochs"}]  # other checks ignored
+    r = checks.row_aucs(records, "r")
+    assert r["pix2pix_image"] == {0: 0.75, 1: 0.75} and r["sparse_gan"] == {0: 0.65, 1: 0.45}
+    g = checks.agreement(r, checks.row_aucs(records, "s"))
+    assert g["seeds_a"] == [0, 1] and g["seeds_b"] == [0]
+    assert g["spearman_seed_pairs"]["max"] == pytest.approx(1.0)  # seed 0 of r ranks as s
+    assert g["spearman_seed_pairs"]["min"] < 1.0  # seed 1 puts sparse_gan below anogan
+    # mean of r: sparse_gan 0.55 < anogan 0.60, one swapped neighbour pair of six rows
+    assert g["spearman_of_means"] == pytest.approx(1 - 6 * 2 / (6 * 35))
+    assert checks.agreement(r, checks.row_aucs(records, "x"))["kendall_of_means"] < -0.8
+    result, md = checks.agreement_report([("r", "s")], records)
+    assert "| r vs s | 0,1 / 0 |" in md and result["r vs s"]["rows"] == sorted(checks.ROWS)
