@@ -206,6 +206,11 @@ def predict(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     model = load_model(args.variant, args.models, device)
     detector, size, params = model.detector, model.image_size, model.params
+    if model.data.get("source") == "synthetic":
+        print(f"warning: {args.models / args.variant / 'model.pt'} was trained on synthetic scans "
+              f"only ({model.data.get('n_train', '?')} normal training scans of the embedded "
+              f"generator); its scores and phi are not validated on real scans. Train on yours: "
+              f"dvc exp run -S data.source=folder -S data.folder=<your OCT tree>", file=sys.stderr)
     phi = load_phi(args.variant, args.calibration)
     batch_size = args.batch_size or params.train.batch_size
 

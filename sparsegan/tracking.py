@@ -8,10 +8,17 @@ main repository (git's common dir knows it). ``MLFLOW_TRACKING_URI`` overrides e
 answers ``/health``, a sqlite file's folder exists), so that a wrong ``MLFLOW_TRACKING_URI`` stops a
 training run before it starts rather than after hours; the message says how to fall back to the
 local store (unset ``MLFLOW_TRACKING_URI``).
+
+A new sqlite store is created, and the experiment selected, under a file lock beside the database
+(``mlflow.db.lock``): two experiments started at once from a fresh clone (``dvc queue start -j
+2``) would otherwise both run MLflow's schema migration and one would crash. The experiment is
+tagged ``mlflow.experimentKind = custom_model_development`` so that ``mlflow ui`` opens on its
+training runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import http.client
 import os
@@ -23,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 EXPERIMENT = "sparse-gan-oct"
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 CHECK_TIMEOUT_S = 5.0
 
 
@@ -83,9 +91,9 @@ def check_tracking(uri: str | None = None, timeout: float = CHECK_TIMEOUT_S) -> 
             raise TrackingError(f"{where} is not reachable ({reason}); nothing was trained. Start "
                                 f"the MLflow server or fix the URI, {fallback}") from None
     elif scheme == "sqlite":
-        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
-        if path and path != ":memory:":
-            folder = Path(path).expanduser().parent
+        db = _sqlite_path(uri)
+        if db is not None:
+            folder = db.parent
             if not folder.is_dir():
                 raise TrackingError(f"{where}: the folder {folder} does not exist; nothing was "
                                     f"trained. Create it or fix the URI, {fallback}")
@@ -104,18 +112,50 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: ",".join(obj) if isinstance(obj, tuple) else obj}
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    return Path(path).expanduser() if path and path != ":memory:" else None
+
+
+def open_experiment(uri: str):
+    """Point MLflow at ``uri`` and select (creating if needed) our tagged experiment; for a sqlite
+    store under a file lock, so that concurrent first uses create the store once."""
+    import mlflow
+    from filelock import FileLock
+
+    db = _sqlite_path(uri)
+    with FileLock(f"{db}.lock") if db else contextlib.nullcontext():
+        mlflow.set_tracking_uri(uri)
+        experiment = mlflow.set_experiment(EXPERIMENT)
+        if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+            mlflow.set_experiment_tag(*EXPERIMENT_KIND)
+    return experiment
+
+
+def log_training_data(images, path: Path, source: str) -> None:
+    """The training arrays as the active run's dataset input (name, source file, digest)."""
+    import warnings
+
+    import mlflow
+
+    with warnings.catch_warnings():  # MLflow guesses a source type for the path and warns
+        warnings.simplefilter("ignore")
+        dataset = mlflow.data.from_numpy(images, source=str(Path(path).resolve()),
+                                         name=f"train ({source})")
+    mlflow.log_input(dataset, context="training")
+
+
 def start_run(variant: str, run_id: str | None = None):
     """Start (or, given ``run_id``, resume) the MLflow run of ``variant``, tagged with the
     variant, the git commit and the DVC experiment name."""
     import mlflow
 
-    mlflow.set_tracking_uri(check_tracking())
+    open_experiment(check_tracking())
     if run_id:
         try:
             return mlflow.start_run(run_id=run_id)
         except Exception:  # the run lives in another store (e.g. restored from DVC's cache)
             pass
-    mlflow.set_experiment(EXPERIMENT)
     return mlflow.start_run(run_name=variant, tags={
         "variant": variant,
         "git_commit": _git("rev-parse", "HEAD") or "unknown",

@@ -70,7 +70,7 @@ from .cli import StageError
 from .data.dataset import iterate_batches, load_split
 from .models import Detector, build_detector
 from .params import ParamError, Params, check_variant, parse_params, with_scoring
-from .tracking import check_tracking, flatten, start_run
+from .tracking import check_tracking, flatten, log_training_data, start_run
 
 CHECKPOINT_KEYS = ("config", "epoch", "history", "mlflow_run_id", "model", "optimizers", "rng")
 
@@ -340,6 +340,7 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
                                    if not k.startswith("variants.")})
                 mlflow.log_params({"variant": variant, "device": str(device),
                                    "n_train": len(images)})
+                log_training_data(images, processed_dir / "train.npy", params.data.source)
             _log_missing_epochs(run_id, history)
         phases = detector.phases()
         if start_epoch == 0 and main:  # the starting point, with the run id: a kill in epoch 1 resumes too
@@ -401,8 +402,10 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
         distributed.teardown()
         return history
     model_dir.mkdir(parents=True, exist_ok=True)
-    _save_atomic(model_file(variant, params, image_size, config, detector.state_dict()),
-                 model_dir / "model.pt")
+    trained_on = {"source": params.data.source, "folder": params.data.folder,
+                  "n_train": len(images), "fingerprint": data}
+    _save_atomic(model_file(variant, params, image_size, config, detector.state_dict(),
+                            trained_on), model_dir / "model.pt")
     (model_dir / "history.json").write_text(json.dumps(history, indent=1))
     (model_dir / "mlflow_run.json").write_text(json.dumps({"run_id": run_id}))
     checkpoint.unlink(missing_ok=True)
@@ -421,15 +424,18 @@ class Trained(NamedTuple):
     variant: str
     image_size: int
     params: Params  # what it was trained with (``with_scoring`` applied when asked)
+    data: dict  # what it was trained on: source, folder, n_train, fingerprint
 
 
-def model_file(variant: str, params: Params, image_size: int, config: str, weights: dict) -> dict:
+def model_file(variant: str, params: Params, image_size: int, config: str, weights: dict,
+               data: dict) -> dict:
     """The content of ``model.pt``: enough to rebuild the detector without any params.yaml
     (variant, image size, the training params of :data:`TRAINED_SECTIONS`, the preprocessing
-    the scans must get), plain data and tensors only so that it loads with ``weights_only``."""
+    the scans must get) and what it was trained on (``data``: source, folder, n_train,
+    fingerprint); plain data and tensors only so that it loads with ``weights_only``."""
     stored = {k: v for k, v in dataclasses.asdict(params).items() if k in TRAINED_SECTIONS}
     return {"format": MODEL_FORMAT, "variant": variant, "image_size": image_size,
-            "config": config, "params": stored, "model": weights}
+            "config": config, "params": stored, "data": dict(data), "model": weights}
 
 
 def load_trained(model_dir: Path, device: torch.device | None = None, *,
@@ -463,4 +469,4 @@ def load_trained(model_dir: Path, device: torch.device | None = None, *,
                               f"({' '.join(str(exc).split())[:120]}); damaged, or made by "
                               f"another version: re-make it with `dvc repro {what}`") from None
     return Trained(detector.to(device or torch.device("cpu")).eval(), stored,
-                   int(state["image_size"]), params)
+                   int(state["image_size"]), params, dict(state.get("data") or {}))

@@ -413,12 +413,13 @@ def test_model_file_rebuilds_its_detector_and_takes_only_scoring_knobs_from_curr
     torch.manual_seed(0)
     detector = build_detector("anogan", trained, 32)
     (tmp_path / "anogan").mkdir()
-    torch.save(model_file("anogan", trained, 32, "x", detector.state_dict()),
+    torch.save(model_file("anogan", trained, 32, "x", detector.state_dict(),
+                          {"source": "folder", "n_train": 10}),
                tmp_path / "anogan" / "model.pt")
     current = Params(model=ModelParams(base_channels=16),
                      anogan=AnoganParams(latent_dim=64, search_steps=7, weight=0.3))
     m = load_trained(tmp_path / "anogan", variant="anogan", scoring=current)
-    assert (m.variant, m.image_size) == ("anogan", 32)
+    assert (m.variant, m.image_size, m.data) == ("anogan", 32, {"source": "folder", "n_train": 10})
     assert m.params.model.base_channels == 4 and m.params.anogan.latent_dim == 8
     assert m.params.anogan.search_steps == 7 and m.params.anogan.weight == 0.3
     for a, b in zip(m.detector.state_dict().values(), detector.state_dict().values()):

@@ -88,6 +88,7 @@ def test_mlflow_runs_hold_the_same_numbers(pipeline: Path):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sparse-gan-oct")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([exp.experiment_id])
     by_variant = {r.data.tags["variant"]: r for r in runs}
     assert sorted(by_variant) == sorted(VARIANTS + ["report"])
@@ -101,6 +102,9 @@ def test_mlflow_runs_hold_the_same_numbers(pipeline: Path):
         assert run.data.metrics["test_auc"] == pytest.approx(metrics[variant]["test_auc"])
         assert run.data.tags["git_commit"] != "unknown"
         assert "loss_g" in run.data.metrics or "loss_d" in run.data.metrics
+        (data,) = run.inputs.dataset_inputs  # the training arrays, with their digest
+        assert data.dataset.name == "train (synthetic)" and data.dataset.digest
+        assert data.dataset.source.endswith('train.npy"}') or "train.npy" in data.dataset.source
         logged = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"metrics.json", "roc.csv", "calibration.json"} <= logged
     model_runs = client.search_logged_models([exp.experiment_id])

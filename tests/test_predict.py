@@ -20,6 +20,7 @@ from sparsegan.predict import main, overlay_image
 from sparsegan.train import config_hash, model_file
 
 SIZE = 32
+REAL_DATA = {"source": "folder", "folder": "/data/oct", "n_train": 12, "fingerprint": "x"}
 
 
 def scan(w: int, h: int, seed: int) -> np.ndarray:
@@ -40,7 +41,8 @@ def repo(tmp_path_factory):
     detector = build_detector("sparse_gan", params, SIZE).eval()
     (root / "models" / "sparse_gan").mkdir(parents=True)
     torch.save(model_file("sparse_gan", params, SIZE, config_hash("sparse_gan", params, SIZE),
-                          detector.state_dict()), root / "models" / "sparse_gan" / "model.pt")
+                          detector.state_dict(), REAL_DATA),
+               root / "models" / "sparse_gan" / "model.pt")
 
     scans = root / "scans"
     (scans / "sub").mkdir(parents=True)
@@ -189,7 +191,8 @@ def test_variant_without_aam_uses_the_difference_map_and_16bit_input(repo, tmp_p
     detector = build_detector("autoencoder", params, SIZE).eval()
     (tmp_path / "models" / "autoencoder").mkdir(parents=True)
     torch.save(model_file("autoencoder", params, SIZE, config_hash("autoencoder", params, SIZE),
-                          detector.state_dict()), tmp_path / "models" / "autoencoder" / "model.pt")
+                          detector.state_dict(), REAL_DATA),
+               tmp_path / "models" / "autoencoder" / "model.pt")
     (tmp_path / "cal" / "autoencoder").mkdir(parents=True)
     (tmp_path / "cal" / "autoencoder" / "calibration.json").write_text(json.dumps({"phi": 0.0}))
     deep = (scan(80, 60, 7).astype(np.uint16) * 16)  # 12-bit data in a 16-bit PNG
@@ -232,7 +235,7 @@ def test_predict_needs_no_params_yaml_and_uses_the_models_preprocessing(repo, tm
         detector = build_detector("sparse_gan", params, SIZE).eval()
         models = tmp_path / f"models{int(fill)}"
         (models / "sparse_gan").mkdir(parents=True)
-        torch.save(model_file("sparse_gan", params, SIZE, "x", detector.state_dict()),
+        torch.save(model_file("sparse_gan", params, SIZE, "x", detector.state_dict(), REAL_DATA),
                    models / "sparse_gan" / "model.pt")
         out = tmp_path / f"out{int(fill)}"
         code = main(["predict", "--variant", "sparse_gan", "--models", str(models),
@@ -246,3 +249,21 @@ def test_predict_needs_no_params_yaml_and_uses_the_models_preprocessing(repo, tm
                                                         rel=1e-5)
         scores[fill] = float(row["score"])
     assert scores[False] != scores[True]
+
+
+def test_a_model_trained_on_synthetic_scans_says_so_once(repo, tmp_path, capsys):
+    root = repo["root"]
+    state = torch.load(root / "models" / "sparse_gan" / "model.pt", weights_only=True)
+    state["data"] = {"source": "synthetic", "n_train": 2400}
+    (tmp_path / "models" / "sparse_gan").mkdir(parents=True)
+    torch.save(state, tmp_path / "models" / "sparse_gan" / "model.pt")
+    code = main(["predict", "--variant", "sparse_gan", "--models", str(tmp_path / "models"),
+                 "--calibration", str(root / "reports" / "variants"), "--out",
+                 str(tmp_path / "out"), "--device", "cpu", str(repo["scans"] / "gray1.jpeg"),
+                 str(repo["scans"] / "sub" / "gray2.jpg")])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert err.count("trained on synthetic scans") == 1 and "2400 normal training scans" in err
+    assert "-S data.source=folder" in err
+    code = run(repo, repo["scans"] / "gray1.jpeg", out="preds_real_model")
+    assert code == 0 and "synthetic" not in capsys.readouterr().err

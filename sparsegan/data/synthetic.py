@@ -56,27 +56,14 @@ drawn once and applied to both renderings, so ``render_scan(..., with_reference=
 the healthy twin of a diseased scan, which differs from it only inside the mask (tested). A lesion
 too faint to change any pixel is redrawn stronger, so every disease scan has a non-empty mask.
 
-Difficulty. What limits a reconstruction-based detector here is less the lesions than how much a
-*normal* scan's score varies between patients. Measured with the pipeline's autoencoder (64x64,
-Spearman correlation of a normal scan's score with its patient's draws), the largest sources were
-registration corners (0.53; now filled by the preprocess stage), the 512x512 scans' grain (0.59;
-a decoding artefact fixed in preprocess), then the bowl's curvature (0.49: a steep myopic
-bowl leaves large residuals along its steep sides), the overall gain (0.44, squared by the score),
-choroidal lumen contrast and the speckle level. So the lumens are faint (as in the real samples:
-contrast 0.15-0.35), the noise level spans 8-15 grey levels (was 6-19), the gain 0.95-1.05 (was
-0.9-1.1), the steepest bowls reach 90 px of sag (was 150), and the speckle grain has a physical
-size (drawn on the 512-column reference grid and stretched to the scan's width): a 1536-column
-scan resized to 64 is as grainy as a 512-column one. With these and 2,400 normal training scans,
-the autoencoder reaches test AUC 0.85 (seed 0) and 0.84 (seed 1; the paper's real-data
-Auto-Encoder: 0.783), no variant is near 1.0; the README has every variant. Lesion sizes and
-contrasts were not changed.
+Realism. What limits a reconstruction-based detector is less the lesions than how much a
+*normal* scan varies; the ranges of gain, retina position, background level and registration
+corners were set by comparing normal scans with real OCT2017 normals as a 64x64 model sees them
+(``scripts/compare_domains.py``; the history and the numbers are in docs/design.md, section 2).
 ``severity_min``/``severity_max`` (``data.synthetic`` params) set the lesion range.
 
-Speed (2-core AMD EPYC VM shared with other jobs, numpy 2.4, 512x496, mixed classes, per core of
-CPU time): in ``write_dataset``'s pool workers (which keep freed memory instead of page-faulting
-fresh buffers for every scan) rendering runs at ~150-200 scans/s and rendering + JPEG + mask PNG at
-~130-160 scans/s; a plain in-process ``generate_scan`` at ~100-140 scans/s. Wall-clock rates drop
-when other jobs share the cores.
+Speed: ``write_dataset`` renders in pool workers that keep freed memory (no page faults for each
+scan's temporaries); ``scripts/bench.py`` measures the rate.
 Determinism: every scan has its own generator ``default_rng([seed, 2, index])`` and every patient
 ``default_rng([seed, 1, patient_index])``, so files are byte-identical for a seed whatever the
 number of workers.
