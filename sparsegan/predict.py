@@ -11,9 +11,11 @@ validation set), ``--batch-size`` (default: the model's ``train.batch_size``), `
 (default: auto), ``--alpha`` (heatmap opacity, 0.45). No params.yaml is read: ``model.pt``
 describes itself (architecture, image size, the preprocessing it was trained on).
 
-Inputs are image files or folders; folders are searched recursively for ``.jpeg .jpg .png .tif
-.tiff .bmp`` (any case; hidden files skipped; other files are listed as ignored). A file named
-explicitly is always tried. Any size and mode is accepted and converted exactly as in training
+Inputs are image files, DICOM files or folders; folders are searched recursively for ``.jpeg
+.jpg .png .tif .tiff .bmp .dcm .dicom`` (any case; hidden files skipped; other files are listed
+as ignored). A file named explicitly is always tried (as DICOM when it has the DICM preamble).
+Every frame of a DICOM file (e.g. an Ophthalmic Tomography volume) is one B-scan
+(:mod:`sparsegan.data.dicom`); its rows carry the 1-based ``frame``. Any size and mode is accepted and converted exactly as in training
 (:func:`sparsegan.data.preprocess.load_gray`: RGB -> luma, alpha composited on black, 16-bit
 stretched from its own min..max, resized to the model's image size without keeping the aspect
 ratio, white registration corners filled when the model was trained with
@@ -21,7 +23,8 @@ ratio, white registration corners filled when the model was trained with
 
 Writes into ``--out``:
 
-``predictions.csv``  one row per scored image: ``file`` (as found), ``score`` (the variant's
+``predictions.csv``  one row per scored image: ``file`` (as found), ``frame`` (DICOM frames;
+                     empty for image files), ``score`` (the variant's
                      anomaly score), ``phi``, ``decision`` (``disease`` when ``score > phi``, else
                      ``normal``, eq. 5) and ``overlay`` (the PNG's path inside ``--out``)
 ``overlays/...``     per image, the anomaly map (the AAM for variants that have one, else the
@@ -50,7 +53,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import IMAGE_EXTENSIONS
+from .data import DICOM_EXTENSIONS, IMAGE_EXTENSIONS
+
+SUPPORTED = " ".join(sorted(IMAGE_EXTENSIONS | DICOM_EXTENSIONS))
 
 
 
@@ -62,6 +67,7 @@ class UsageError(Exception):
 class Item:
     path: Path  # the file, as found (input argument joined with the relative path)
     overlay: Path  # where its overlay goes, relative to --out
+    frame: int | None = None  # 1-based frame of a DICOM file (one B-scan of its volume)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,24 +97,40 @@ def _is_hidden(rel: Path) -> bool:
 
 
 def collect_inputs(inputs: list[str | Path]) -> tuple[list[Item], list[tuple[str, str]], list[str]]:
-    """``(items to score, failures (name, reason), ignored non-image files)`` for the inputs."""
+    """``(items to score, failures (name, reason), ignored non-image files)`` for the inputs; a
+    DICOM file gives one item per frame (its header is read here)."""
+    from .data.dicom import frame_count, is_dicom
+    from .data.preprocess import SkipImage
+
     items: list[Item] = []
     failures: list[tuple[str, str]] = []
     ignored: list[str] = []
     seen: set[Path] = set()
     taken: set[Path] = set()
 
-    def add(path: Path, overlay: Path) -> None:
-        key = path.resolve()
-        if key in seen:
-            return
-        seen.add(key)
+    def add_one(path: Path, overlay: Path, frame: int | None) -> None:
         candidate, n = overlay, 1
         while candidate in taken:  # two inputs with the same name: keep both overlays
             n += 1
             candidate = overlay.with_name(f"{overlay.stem}-{n}{overlay.suffix}")
         taken.add(candidate)
-        items.append(Item(path, candidate))
+        items.append(Item(path, candidate, frame))
+
+    def add(path: Path, overlay: Path) -> None:
+        key = path.resolve()
+        if key in seen:
+            return
+        seen.add(key)
+        if path.suffix.lower() in DICOM_EXTENSIONS or is_dicom(path):
+            try:
+                n_frames = frame_count(path)
+            except SkipImage as exc:
+                failures.append((str(path), str(exc)))
+                return
+            for k in range(1, n_frames + 1):  # one B-scan per frame
+                add_one(path, overlay.with_name(f"{overlay.stem}.f{k:03d}.png"), k)
+        else:
+            add_one(path, overlay, None)
 
     for arg in inputs:
         root = Path(arg)
@@ -119,13 +141,13 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Item], list[tuple[str
                 rel = f.relative_to(root)
                 if _is_hidden(rel) or not f.is_file():
                     continue
-                if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                if f.suffix.lower() not in IMAGE_EXTENSIONS | DICOM_EXTENSIONS:
                     ignored.append(str(f))
                     continue
                 found = True
                 add(f, Path(name) / rel.parent / (rel.name + ".png"))
             if not found:
-                failures.append((str(root), "no images (.jpeg .jpg .png .tif .tiff .bmp) in this folder"))
+                failures.append((str(root), f"no images ({SUPPORTED}) in this folder"))
         elif root.exists():
             add(root, Path(root.name + ".png"))
         else:
@@ -170,6 +192,40 @@ def load_phi(variant: str, calibration_dir: Path) -> float:
         raise UsageError(f"{path}: no valid phi; re-run `dvc repro calibrate@{variant}`") from None
 
 
+class _Frames:
+    """The frames of the last DICOM file read (its items come in a row): each file decoded once."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.frames = None
+        self.error = None
+
+    def get(self, path: Path, frame: int):
+        from .data.dicom import read_frames
+        from .data.preprocess import SkipImage
+
+        if path != self.path:
+            self.path, self.frames, self.error = path, None, None
+            try:
+                self.frames = read_frames(path)
+            except SkipImage as exc:
+                self.error = exc
+        if self.error is not None:
+            raise self.error
+        if frame > len(self.frames):
+            raise SkipImage(f"frame {frame} missing (the pixel data holds {len(self.frames)})")
+        return self.frames[frame - 1]
+
+
+def load_item(item: Item, size: int, corners: bool, frames: _Frames) -> np.ndarray:
+    """The item's B-scan converted as in training (uint8 [size, size]); SkipImage if unusable."""
+    from .data.preprocess import gray_from_array, load_gray
+
+    if item.frame is None:
+        return load_gray(item.path, size, corners)
+    return gray_from_array(frames.get(item.path, item.frame), size, corners)
+
+
 def _batches(items: list[Item], size: int):
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -197,7 +253,7 @@ def predict(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from .data.dataset import to_float
-    from .data.preprocess import SkipImage, load_gray
+    from .data.preprocess import SkipImage
     from .train import resolve_device
 
     try:
@@ -216,7 +272,7 @@ def predict(args: argparse.Namespace) -> int:
 
     items, failures, ignored = collect_inputs(args.inputs)
     for name in ignored:
-        print(f"note: {name}: ignored (not a .jpeg .jpg .png .tif .tiff .bmp file)", file=sys.stderr)
+        print(f"note: {name}: ignored (not a {SUPPORTED} file)", file=sys.stderr)
     for name, reason in failures:
         print(f"error: {name}: {reason}", file=sys.stderr)
 
@@ -228,14 +284,15 @@ def predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(params.seed)  # AnoGAN's search starts from torch's RNG, as in scoring
     n_scored = n_disease = 0
+    frames = _Frames()
     with open(out / "predictions.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["file", "score", "phi", "decision", "overlay"])
+        writer.writerow(["file", "frame", "score", "phi", "decision", "overlay"])
         for batch in _batches(items, batch_size):
             images, ok = [], []
             for item in batch:
                 try:
-                    images.append(load_gray(item.path, size, params.preprocess.fill_corners))
+                    images.append(load_item(item, size, params.preprocess.fill_corners, frames))
                     ok.append(item)
                 except SkipImage as exc:
                     fail(str(item.path), str(exc))
@@ -254,7 +311,8 @@ def predict(args: argparse.Namespace) -> int:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(overlay_image(gray, h[0], args.alpha)).save(target)
                 decision = "disease" if score > phi else "normal"
-                writer.writerow([str(item.path), repr(float(score)), repr(phi), decision,
+                writer.writerow([str(item.path), item.frame or "", repr(float(score)), repr(phi),
+                                 decision,
                                  (Path("overlays") / item.overlay).as_posix()])
                 n_scored += 1
                 n_disease += decision == "disease"

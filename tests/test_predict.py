@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,7 +89,7 @@ def test_folder_with_good_and_bad_files(repo, capsys):
     err = capsys.readouterr().err
     assert code == 1
     rows = read_rows(repo["root"] / "preds" / "predictions.csv")
-    assert list(rows[0]) == ["file", "score", "phi", "decision", "overlay"]
+    assert list(rows[0]) == ["file", "frame", "score", "phi", "decision", "overlay"]
     by_name = {r["file"].replace("\\", "/").rsplit("/", 1)[-1]: r for r in rows}
     assert set(by_name) == {"gray1.jpeg", "gray2.jpg", "rgb.png"}
     for name, row in by_name.items():
@@ -267,3 +268,79 @@ def test_a_model_trained_on_synthetic_scans_says_so_once(repo, tmp_path, capsys)
     assert "-S data.source=folder" in err
     code = run(repo, repo["scans"] / "gray1.jpeg", out="preds_real_model")
     assert code == 0 and "synthetic" not in capsys.readouterr().err
+
+
+def _dicom(path, frames, photometric="MONOCHROME2", sop=None):
+    """A DICOM Part 10 file written with pydicom: ``frames`` uint8/uint16 (F, rows, cols) or
+    (rows, cols, 3) for colour."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from sparsegan.data.dicom import OPHTHALMIC_TOMOGRAPHY
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop or OPHTHALMIC_TOMOGRAPHY
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OPT"
+    if frames is not None:
+        colour = photometric == "RGB"
+        ds.Rows, ds.Columns = (frames.shape[0], frames.shape[1]) if colour else frames.shape[1:]
+        if not colour:
+            ds.NumberOfFrames = frames.shape[0]
+        ds.SamplesPerPixel = 3 if colour else 1
+        if colour:
+            ds.PlanarConfiguration = 0
+        ds.PhotometricInterpretation = photometric
+        bits = frames.dtype.itemsize * 8
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, 12 if bits == 16 else 8, (11 if bits == 16 else 7)
+        ds.PixelRepresentation = 0
+        ds.PixelData = frames.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_volume_frames_are_b_scans_scored_as_images(repo, tmp_path, capsys):
+    """A 3-frame 12-bit Ophthalmic Tomography volume: three rows (frames 1-3), each scored as
+    that frame converted like a 16-bit image file; MONOCHROME1 is inverted first; an explicitly
+    named DICOM without the .dcm suffix is recognised by its preamble."""
+    from sparsegan.data.preprocess import gray_from_array
+
+    vol = np.stack([scan(80, 60, s).astype(np.uint16) * 16 for s in (11, 12, 13)])
+    _dicom(tmp_path / "vol.dcm", vol)
+    _dicom(tmp_path / "inverted", (4095 - vol[:1]).astype(np.uint16), "MONOCHROME1")
+    code = run(repo, tmp_path / "vol.dcm", tmp_path / "inverted", out="preds_dicom")
+    assert code == 0, capsys.readouterr().err
+    rows = read_rows(repo["root"] / "preds_dicom" / "predictions.csv")
+    assert [(Path(r["file"]).name, r["frame"]) for r in rows] == [
+        ("vol.dcm", "1"), ("vol.dcm", "2"), ("vol.dcm", "3"), ("inverted", "1")]
+    state = torch.load(repo["root"] / "models" / "sparse_gan" / "model.pt", weights_only=True)
+    detector = build_detector("sparse_gan", Params(model=ModelParams(base_channels=4)), SIZE)
+    detector.load_state_dict(state["model"])
+    detector.eval()
+    with torch.no_grad():
+        x = to_float(np.stack([gray_from_array(f, SIZE) for f in vol])[:, None])
+        expected = detector.score(x).score.numpy()
+    got = [float(r["score"]) for r in rows]
+    np.testing.assert_allclose(got[:3], expected, rtol=1e-5)
+    assert got[3] == pytest.approx(expected[0], rel=1e-5)  # inverted back: the same scan
+    assert len({r["overlay"] for r in rows}) == 4
+    assert (repo["root"] / "preds_dicom" / "overlays" / "vol.dcm.f002.png").is_file()
+
+
+def test_dicom_that_is_not_grayscale_image_data_is_a_named_error(repo, tmp_path, capsys):
+    rgb = np.stack([scan(64, 48, 3), scan(64, 48, 4), scan(64, 48, 5)], axis=2)
+    _dicom(tmp_path / "colour.dcm", rgb, "RGB")
+    _dicom(tmp_path / "report.dcm", None, sop="1.2.840.10008.5.1.4.1.1.88.11")  # an SR document
+    (tmp_path / "fake.dcm").write_text("not dicom at all\n")
+    code = run(repo, tmp_path / "colour.dcm", tmp_path / "report.dcm", tmp_path / "fake.dcm",
+               repo["scans"] / "gray1.jpeg", out="preds_bad_dicom")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "colour.dcm: DICOM RGB data, not grayscale B-scans" in err
+    assert "report.dcm: DICOM without image data" in err
+    assert "fake.dcm: unreadable DICOM" in err
+    assert len(read_rows(repo["root"] / "preds_bad_dicom" / "predictions.csv")) == 1

@@ -19,3 +19,6 @@ masks), ``<split>.csv`` (the rows kept, in array order) and ``skipped.csv`` (fil
 
 # Image files every source and ``sparsegan predict`` read (any case).
 IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".tif", ".tiff", ".bmp"})
+# DICOM files ``sparsegan predict`` reads (every frame one B-scan; any other file named explicitly
+# is tried as DICOM too when it carries the DICM preamble).
+DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})

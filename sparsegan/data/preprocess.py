@@ -163,8 +163,7 @@ def load_gray(path: str | os.PathLike, size: int, corners: bool = False) -> np.n
                     # the module docstring): the final antialiased resize always reduces
                     im.draft("L", (size + 1, size + 1))
                 im.load()
-                out = _resize(_to_gray(im), size)
-                return fill_corners(out) if corners else out
+                return _finish(im, size, corners)
     except SkipImage:
         raise
     except Image.DecompressionBombWarning:
@@ -176,6 +175,25 @@ def load_gray(path: str | os.PathLike, size: int, corners: bool = False) -> np.n
         raise SkipImage(f"corrupt image: {msg[:100]}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure skips the file, never a crash
         raise SkipImage(f"{type(exc).__name__}: {str(exc)[:100]}") from None
+
+
+def _finish(im: Image.Image, size: int, corners: bool) -> np.ndarray:
+    out = _resize(_to_gray(im), size)
+    return fill_corners(out) if corners else out
+
+
+def gray_from_array(frame: np.ndarray, size: int, corners: bool = False) -> np.ndarray:
+    """A decoded 2-D frame (e.g. one DICOM frame, any integer or float type) converted exactly
+    as :func:`load_gray` converts a file: 8-bit as is, deeper data stretched from its own
+    min..max, resized to ``size x size``, corners filled when ``corners``. SkipImage when it is
+    too small or not 2-D."""
+    if frame.ndim != 2:
+        raise SkipImage(f"not a 2-D grayscale frame (shape {frame.shape})")
+    h, w = frame.shape
+    if min(w, h) < MIN_SIDE:
+        raise SkipImage(f"too small ({w}x{h})")
+    im = Image.fromarray(frame if frame.dtype == np.uint8 else frame.astype(np.float32))
+    return _finish(im, size, corners)
 
 
 def fill_corners(image: np.ndarray, high: int = 250, low: int = 128,
