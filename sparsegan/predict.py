@@ -27,11 +27,14 @@ Writes into ``--out``:
                      empty for image files), ``score`` (the variant's
                      anomaly score), ``phi``, ``decision`` (``disease`` when ``score > phi``, else
                      ``normal``, eq. 5) and ``overlay`` (the PNG's path inside ``--out``)
-``overlays/...``     per image, the anomaly map (the AAM for variants that have one, else the
-                     difference map ``|I_in - I_re|``) min-max normalised, coloured with
-                     matplotlib's ``jet`` and blended over the resized grayscale input, as an
-                     S x S RGB PNG (S = the model's image size). Folder inputs keep their
-                     sub-folders: ``overlays/<folder>/<sub>/<file name>.png``.
+``overlays/...``     per image, the anomaly map (``--map``; default: the residual activation map
+                     for latent variants, which localises lesions, else the difference map
+                     ``|I_in - I_re|``; the paper's AAM with ``--map aam``) min-max normalised,
+                     upsampled to the scan's own resolution, coloured with matplotlib's ``jet``
+                     and blended over the scan, with the decision, score and phi written on it:
+                     an RGB PNG of the input's size (``--side-by-side``: the plain scan on the
+                     left, twice as wide). Folder inputs keep their sub-folders:
+                     ``overlays/<folder>/<sub>/<file name>.png``.
 
 Images are decoded one by one and scored in batches. A file that cannot be used (missing,
 unreadable, not an image, truncated, too small, ...) is reported on stderr as ``error: <file>:
@@ -88,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="default: auto (CUDA when there is one)")
     p.add_argument("--alpha", type=float, default=0.45, help="heatmap opacity (default: 0.45)")
+    p.add_argument("--map", choices=("auto", "aam_residual", "aam", "difference"), default="auto",
+                   help="the map drawn: auto = the residual activation map for latent variants "
+                        "(it localises lesions; the paper's AAM lights up the background), the "
+                        "difference map |I_in - I_re| otherwise")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="put the plain scan left of the overlay (the PNG is twice as wide)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     return parser
 
@@ -170,6 +179,31 @@ def overlay_image(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45,
     return np.clip(np.rint(out * 255), 0, 255).astype(np.uint8)
 
 
+def render_overlay(scan: np.ndarray, heat: np.ndarray, score: float, phi: float,
+                   decision: str, alpha: float = 0.45, side_by_side: bool = False) -> np.ndarray:
+    """uint8 RGB: the map ``heat`` (the model's S x S) upsampled bilinearly to the scan's own
+    size ``(H, W)`` and blended over it (:func:`overlay_image`), with the decision, score and phi
+    written in the top-left corner; with ``side_by_side`` the plain scan is on the left
+    (``(H, 2W, 3)``), else the result has the scan's size."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = scan.shape
+    up = np.asarray(Image.fromarray(np.asarray(heat, np.float32)).resize(
+        (w, h), Image.Resampling.BILINEAR))
+    out = overlay_image(scan, up, alpha)
+    if side_by_side:
+        out = np.concatenate([np.repeat(scan[..., None], 3, axis=2), out], axis=1)
+    img = Image.fromarray(out)
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default(size=max(10, h // 28))
+    text = f"{decision}  score {score:.4g}  phi {phi:.4g}"
+    box = draw.textbbox((4, 4), text, font=font)
+    draw.rectangle((0, 0, box[2] + 4, box[3] + 4), fill=(0, 0, 0))
+    draw.text((4, 4), text, font=font, fill=(255, 80, 80) if decision == "disease"
+              else (255, 255, 255))
+    return np.asarray(img)
+
+
 def load_model(variant: str, models_dir: Path, device):
     """The trained model of ``models_dir/<variant>/model.pt`` (:func:`sparsegan.train.load_trained`)."""
     from .train import CheckpointError, load_trained
@@ -224,6 +258,24 @@ def load_item(item: Item, size: int, corners: bool, frames: _Frames) -> np.ndarr
     if item.frame is None:
         return load_gray(item.path, size, corners)
     return gray_from_array(frames.get(item.path, item.frame), size, corners)
+
+
+def load_full(item: Item, frames: _Frames) -> np.ndarray:
+    """The item's B-scan as 8-bit grayscale at its own resolution (for the overlay)."""
+    from .data.preprocess import gray_full_from_array, read_gray
+
+    if item.frame is None:
+        return read_gray(item.path)
+    return gray_full_from_array(frames.get(item.path, item.frame))
+
+
+def map_name(choice: str, maps: dict) -> str:
+    """The map ``--map`` asks for among those the variant gives (UsageError if it has none)."""
+    if choice == "auto":
+        return "aam_residual" if "aam_residual" in maps else "difference"
+    if choice not in maps:
+        raise UsageError(f"--map {choice}: this variant gives only {', '.join(sorted(maps))}")
+    return choice
 
 
 def _batches(items: list[Item], size: int):
@@ -302,15 +354,21 @@ def predict(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 result = detector.score(x)
             scores = result.score.float().cpu().numpy()
-            heat = result.maps.get("aam", result.maps["difference"]).float().cpu().numpy()
-            for item, gray, score, h in zip(ok, images, scores, heat):
+            heat = result.maps[map_name(args.map, result.maps)].float().cpu().numpy()
+            for item, score, h in zip(ok, scores, heat):
                 if not np.isfinite(score):
                     fail(str(item.path), f"the model gave a non-finite score ({score})")
                     continue
+                decision = "disease" if score > phi else "normal"
+                try:
+                    full = load_full(item, frames)
+                except SkipImage as exc:
+                    fail(str(item.path), str(exc))
+                    continue
                 target = out / "overlays" / item.overlay
                 target.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(overlay_image(gray, h[0], args.alpha)).save(target)
-                decision = "disease" if score > phi else "normal"
+                Image.fromarray(render_overlay(full, h[0], float(score), phi, decision, args.alpha,
+                                               args.side_by_side)).save(target)
                 writer.writerow([str(item.path), item.frame or "", repr(float(score)), repr(phi),
                                  decision,
                                  (Path("overlays") / item.overlay).as_posix()])

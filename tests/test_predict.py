@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 
 from sparsegan.data.dataset import to_float
-from sparsegan.data.preprocess import load_gray
+from sparsegan.data.preprocess import load_gray, read_gray
 from sparsegan.models import build_detector
 from sparsegan.params import ModelParams, Params, PreprocessParams
-from sparsegan.predict import main, overlay_image
+from sparsegan.predict import main, overlay_image, render_overlay
 from sparsegan.train import config_hash, model_file
 
 SIZE = 32
@@ -100,7 +100,9 @@ def test_folder_with_good_and_bad_files(repo, capsys):
         assert row["decision"] == ("disease" if score > phi else "normal")
         overlay = repo["root"] / "preds" / row["overlay"]
         with Image.open(overlay) as im:
-            assert im.format == "PNG" and im.size == (SIZE, SIZE) and im.mode == "RGB"
+            assert im.format == "PNG" and im.mode == "RGB"
+            with Image.open(repo["scans"] / ("sub/" if name == "gray2.jpg" else "") / name) as src:
+                assert im.size == src.size  # drawn at the scan's own resolution
     assert sorted(r["decision"] for r in rows) == ["disease", "disease", "normal"]
     assert by_name["gray2.jpg"]["overlay"] == "overlays/scans/sub/gray2.jpg.png"
     # the bad files are named, with their reason; the text file in the folder is mentioned
@@ -118,7 +120,8 @@ def test_explicit_good_files_exit_0_and_overlay_shows_the_map(repo, capsys):
     assert [r["overlay"] for r in rows] == ["overlays/rgb.png.png", "overlays/gray1.jpeg.png"]
     with Image.open(repo["root"] / "preds_ok" / rows[1]["overlay"]) as im:
         pixels = np.asarray(im)
-    gray = load_gray(repo["scans"] / "gray1.jpeg", SIZE)
+    gray = read_gray(repo["scans"] / "gray1.jpeg")
+    assert pixels.shape == gray.shape + (3,)
     assert not (pixels == gray[..., None]).all()  # coloured, not the plain scan
 
 
@@ -214,8 +217,10 @@ def test_variant_without_aam_uses_the_difference_map_and_16bit_input(repo, tmp_p
     assert row["decision"] == "disease"  # phi 0: any reconstruction error is above it
     with Image.open(tmp_path / "out" / row["overlay"]) as im:
         pixels = np.asarray(im)
-    expected = overlay_image(gray, out.maps["difference"][0, 0].numpy())
-    assert np.abs(pixels.astype(int) - expected).max() <= 1
+    full = read_gray(tmp_path / "deep.png")  # the scan itself, 80x60, stretched as in training
+    expected = render_overlay(full, out.maps["difference"][0, 0].numpy(), float(row["score"]),
+                              0.0, "disease")
+    assert pixels.shape == (60, 80, 3) and np.abs(pixels.astype(int) - expected).max() <= 1
 
 
 def test_predict_needs_no_params_yaml_and_uses_the_models_preprocessing(repo, tmp_path,
@@ -344,3 +349,32 @@ def test_dicom_that_is_not_grayscale_image_data_is_a_named_error(repo, tmp_path,
     assert "report.dcm: DICOM without image data" in err
     assert "fake.dcm: unreadable DICOM" in err
     assert len(read_rows(repo["root"] / "preds_bad_dicom" / "predictions.csv")) == 1
+
+
+def test_overlay_upsamples_the_map_onto_the_scan_and_writes_the_decision():
+    scan_ = np.full((40, 100), 50, np.uint8)
+    heat = np.zeros((8, 8))
+    heat[6:, 6:] = 1.0  # bottom-right
+    out = render_overlay(scan_, heat, 0.5, 0.1, "disease", alpha=0.5)
+    assert out.shape == (40, 100, 3)
+    hot = np.array(__import__("matplotlib").colormaps["jet"](1.0)[:3])
+    np.testing.assert_allclose(out[-1, -1], np.rint((0.5 * 50 / 255 + 0.5 * hot) * 255), atol=1)
+    assert out[-1, 0, 2] > out[-1, 0, 0]  # bottom-left: cold (blue) part of the map
+    assert (out[:3, :30] == 0).all(axis=-1).any()  # the text box in the top-left corner
+    side = render_overlay(scan_, heat, 0.5, 0.1, "normal", side_by_side=True)
+    assert side.shape == (40, 200, 3) and (side[-1, :100] == 50).all()  # plain scan on the left
+
+
+def test_map_choice_residual_by_default_aam_on_request(repo, capsys):
+    """sparse_gan gives the AAM and the residual map: the default draws the residual one."""
+    from sparsegan.predict import map_name
+
+    maps = {"difference": 0, "aam": 0, "aam_residual": 0}
+    assert map_name("auto", maps) == "aam_residual" and map_name("aam", maps) == "aam"
+    assert map_name("auto", {"difference": 0}) == "difference"
+    a = run(repo, repo["scans"] / "gray1.jpeg", out="preds_res")
+    b = run(repo, repo["scans"] / "gray1.jpeg", out="preds_aam", extra=("--map", "aam"))
+    assert a == b == 0
+    with Image.open(repo["root"] / "preds_res/overlays/gray1.jpeg.png") as x, \
+            Image.open(repo["root"] / "preds_aam/overlays/gray1.jpeg.png") as y:
+        assert not np.array_equal(np.asarray(x), np.asarray(y))

@@ -177,6 +177,30 @@ def load_gray(path: str | os.PathLike, size: int, corners: bool = False) -> np.n
         raise SkipImage(f"{type(exc).__name__}: {str(exc)[:100]}") from None
 
 
+def read_gray(path: str | os.PathLike) -> np.ndarray:
+    """The image at ``path`` as 8-bit grayscale at its own size (uint8 [H, W]), converted as
+    :func:`load_gray` converts (without the resize): for showing results on the scan itself."""
+    try:
+        with _open(path) as im:
+            im.load()
+            return _as_uint8(_to_gray(im))
+    except SkipImage:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as load_gray: never a crash
+        raise SkipImage(f"{type(exc).__name__}: {str(exc)[:100]}") from None
+
+
+def gray_full_from_array(frame: np.ndarray) -> np.ndarray:
+    """A 2-D frame as 8-bit grayscale at its own size (the conversion of :func:`gray_from_array`
+    without the resize)."""
+    return _as_uint8(_to_gray(Image.fromarray(frame if frame.dtype == np.uint8
+                                              else frame.astype(np.float32))))
+
+
+def _as_uint8(im: Image.Image) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(im, dtype=np.float32)), 0, 255).astype(np.uint8)
+
+
 def _finish(im: Image.Image, size: int, corners: bool) -> np.ndarray:
     out = _resize(_to_gray(im), size)
     return fill_corners(out) if corners else out
