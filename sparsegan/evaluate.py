@@ -20,7 +20,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from .data.dataset import iterate_batches, load_split
-from .metrics import detection_metrics, pixel_auroc, roc_table
+from .metrics import aggregate_patients, detection_metrics, pixel_auroc, roc_table
 from .params import Params
 from .stats import delong_test, paired_bootstrap, patient_bootstrap
 from .train import load_trained, resolve_device
@@ -84,7 +84,10 @@ def evaluate_variant(variant: str, scores_dir: Path, report_dir: Path,
     percentile interval ``test_<m>_ci_low`` / ``test_<m>_ci_high`` (``n_boot`` resamples of the
     test *patients*, seeded by ``seed``; see :mod:`sparsegan.stats`), ``test_bootstrap_resamples``,
     ``test_bootstrap_skipped`` (single-class resamples), ``test_patients``, ``test_auc_<CLASS>``
-    (each disease vs NORMAL), ``test_images_per_s`` and ``pixel_auroc_<map>``.
+    (each disease vs NORMAL), ``test_images_per_s`` and ``pixel_auroc_<map>``; with a patient
+    rule in the calibration (aggregation and phi chosen on validation patients)
+    ``patient_aggregation`` (a string), ``val_patient_auc``, ``patient_phi``,
+    ``test_patient_count`` and ``test_patient_<m>`` for the six metrics, one decision per patient.
     """
     calibration = json.loads((report_dir / "calibration.json").read_text())
     test = pd.read_csv(scores_dir / "test.csv", dtype={"patient": str}, keep_default_na=False)
@@ -105,6 +108,15 @@ def evaluate_variant(variant: str, scores_dir: Path, report_dir: Path,
     metrics["test_bootstrap_resamples"] = n_boot
     metrics["test_bootstrap_skipped"] = intervals.n_skipped
     metrics["test_patients"] = intervals.n_patients
+    rule = calibration.get("patient")
+    if rule is not None and "patient" in test.columns:  # one decision per patient (volume)
+        _, y, s = aggregate_patients(patients, labels, scores, rule["aggregation"])
+        metrics["patient_aggregation"] = rule["aggregation"]
+        metrics["val_patient_auc"] = rule["val_auc_by_aggregation"][rule["aggregation"]]
+        metrics["patient_phi"] = rule["phi"]
+        metrics["test_patient_count"] = int(len(y))
+        metrics.update({f"test_patient_{k}": v
+                        for k, v in detection_metrics(y, s, rule["phi"]).items()})
     for cls in sorted(set(test["class"]) - {"NORMAL"}):
         subset = test["class"].isin(["NORMAL", cls]).to_numpy()
         metrics[f"test_auc_{cls}"] = float(roc_auc_score(labels[subset], scores[subset]))

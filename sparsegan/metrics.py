@@ -92,12 +92,57 @@ def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
     return float(roc_auc_score(truth, maps.reshape(-1)))
 
 
-def calibrate_variant(params: Params, scores_dir: Path, out_path: Path) -> dict:
-    """Stage calibrate@<variant>: phi from ``scores_dir/val.csv`` only (eq. 5), with the
-    validation operating point, to ``out_path``."""
+# Ways to turn a patient's B-scan scores into one patient score (chosen on validation patients).
+PATIENT_AGGREGATIONS = ("max", "mean", "top3_mean")
+
+
+def aggregate_patients(patients, labels, scores, how: str):
+    """``(patient ids, patient labels, patient scores)``: a patient is diseased when any of its
+    scans is; its score is the ``how`` (:data:`PATIENT_AGGREGATIONS`) of its scans' scores.
+    Scans without a patient (empty id) are a patient each."""
     import pandas as pd
 
-    val = pd.read_csv(scores_dir / "val.csv")
+    ids = pd.Series(np.asarray(patients, dtype=object)).fillna("").astype(str).to_numpy()
+    blank = ids == ""
+    ids = np.where(blank, np.char.add("scan:", np.arange(len(ids)).astype(str)), ids)
+    df = pd.DataFrame({"p": ids, "y": np.asarray(labels), "s": np.asarray(scores, dtype=float)})
+    g = df.groupby("p", sort=True)
+    if how == "max":
+        agg = g["s"].max()
+    elif how == "mean":
+        agg = g["s"].mean()
+    elif how == "top3_mean":
+        agg = g["s"].apply(lambda v: float(np.sort(v.to_numpy())[-3:].mean()))
+    else:
+        raise ValueError(f"patient aggregation {how!r}: allowed {', '.join(PATIENT_AGGREGATIONS)}")
+    return agg.index.to_numpy(), g["y"].max().to_numpy(), agg.to_numpy(dtype=float)
+
+
+def calibrate_patients(patients, labels, scores, criterion: str, target_sensitivity: float
+                       ) -> dict | None:
+    """The patient-level rule from *validation* scans: the aggregation with the highest patient
+    AUC (ties: the first of :data:`PATIENT_AGGREGATIONS`) and its phi by ``criterion``; None when
+    the validation patients are not of both classes."""
+    aucs = {}
+    for how in PATIENT_AGGREGATIONS:
+        _, y, s = aggregate_patients(patients, labels, scores, how)
+        if y.min() == y.max():
+            return None
+        aucs[how] = float(roc_auc_score(y, s))
+    best = max(PATIENT_AGGREGATIONS, key=lambda h: (aucs[h], -PATIENT_AGGREGATIONS.index(h)))
+    _, y, s = aggregate_patients(patients, labels, scores, best)
+    phi = calibrate_phi(y, s, criterion, target_sensitivity)
+    return {"aggregation": best, "phi": phi, "val_auc_by_aggregation": aucs,
+            "n_patients": int(len(y)), "validation": detection_metrics(y, s, phi)}
+
+
+def calibrate_variant(params: Params, scores_dir: Path, out_path: Path) -> dict:
+    """Stage calibrate@<variant>: phi from ``scores_dir/val.csv`` only (eq. 5), with the
+    validation operating point, to ``out_path``; and the patient-level rule
+    (:func:`calibrate_patients`) under ``"patient"`` when the scans have patients."""
+    import pandas as pd
+
+    val = pd.read_csv(scores_dir / "val.csv", dtype={"patient": str}, keep_default_na=False)
     c = params.calibrate
     phi = calibrate_phi(val["label"].to_numpy(), val["score"].to_numpy(), c.criterion,
                         c.target_sensitivity)
@@ -105,6 +150,11 @@ def calibrate_variant(params: Params, scores_dir: Path, out_path: Path) -> dict:
               "validation": detection_metrics(val["label"].to_numpy(), val["score"].to_numpy(), phi)}
     if c.criterion == "sensitivity":
         result["target_sensitivity"] = c.target_sensitivity
+    if "patient" in val.columns:
+        patient = calibrate_patients(val["patient"].to_numpy(), val["label"].to_numpy(),
+                                     val["score"].to_numpy(), c.criterion, c.target_sensitivity)
+        if patient is not None:
+            result["patient"] = patient
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=1))
     return result

@@ -24,7 +24,7 @@ ratio, white registration corners filled when the model was trained with
 Writes into ``--out``:
 
 ``predictions.csv``  one row per scored image: ``file`` (as found), ``frame`` (DICOM frames;
-                     empty for image files), ``score`` (the variant's
+                     empty for image files), ``patient`` (see below), ``score`` (the variant's
                      anomaly score), ``phi``, ``decision`` (``disease`` when ``score > phi``, else
                      ``normal``, eq. 5) and ``overlay`` (the PNG's path inside ``--out``)
 ``overlays/...``     per image, the anomaly map (``--map``; default: the residual activation map
@@ -35,6 +35,14 @@ Writes into ``--out``:
                      an RGB PNG of the input's size (``--side-by-side``: the plain scan on the
                      left, twice as wide). Folder inputs keep their sub-folders:
                      ``overlays/<folder>/<sub>/<file name>.png``.
+
+``patients.csv``     one row per patient or volume: ``patient, scans, score, aggregation, phi,
+                     decision``, the patient score being the aggregation (max, mean, top-3 mean)
+                     of its scans' scores chosen on validation patients, with its own phi
+                     (``calibration.json``'s ``patient`` rule). A scan's patient is the one of its
+                     OCT2017 name (``<CLASS>-<patient>-<n>``), else its DICOM series (a volume),
+                     else its sub-folder inside a folder input (a folder per patient), else the
+                     file itself.
 
 Images are decoded one by one and scored in batches. A file that cannot be used (missing,
 unreadable, not an image, truncated, too small, ...) is reported on stderr as ``error: <file>:
@@ -71,6 +79,7 @@ class Item:
     path: Path  # the file, as found (input argument joined with the relative path)
     overlay: Path  # where its overlay goes, relative to --out
     frame: int | None = None  # 1-based frame of a DICOM file (one B-scan of its volume)
+    patient: str = ""  # its patient / volume (see collect_inputs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +117,8 @@ def _is_hidden(rel: Path) -> bool:
 def collect_inputs(inputs: list[str | Path]) -> tuple[list[Item], list[tuple[str, str]], list[str]]:
     """``(items to score, failures (name, reason), ignored non-image files)`` for the inputs; a
     DICOM file gives one item per frame (its header is read here)."""
-    from .data.dicom import frame_count, is_dicom
+    from .data.dicom import is_dicom, read_header
+    from .data.oct2017 import patient_from_name
     from .data.preprocess import SkipImage
 
     items: list[Item] = []
@@ -117,29 +127,31 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Item], list[tuple[str
     seen: set[Path] = set()
     taken: set[Path] = set()
 
-    def add_one(path: Path, overlay: Path, frame: int | None) -> None:
+    def add_one(path: Path, overlay: Path, frame: int | None, patient: str) -> None:
         candidate, n = overlay, 1
         while candidate in taken:  # two inputs with the same name: keep both overlays
             n += 1
             candidate = overlay.with_name(f"{overlay.stem}-{n}{overlay.suffix}")
         taken.add(candidate)
-        items.append(Item(path, candidate, frame))
+        items.append(Item(path, candidate, frame, patient))
 
-    def add(path: Path, overlay: Path) -> None:
+    def add(path: Path, overlay: Path, folder: str = "") -> None:
+        """``folder``: the file's sub-folder inside a folder input (a folder per patient)."""
         key = path.resolve()
         if key in seen:
             return
         seen.add(key)
         if path.suffix.lower() in DICOM_EXTENSIONS or is_dicom(path):
             try:
-                n_frames = frame_count(path)
+                n_frames, series = read_header(path)
             except SkipImage as exc:
                 failures.append((str(path), str(exc)))
                 return
-            for k in range(1, n_frames + 1):  # one B-scan per frame
-                add_one(path, overlay.with_name(f"{overlay.stem}.f{k:03d}.png"), k)
+            volume = f"series {series}" if series else str(path)
+            for k in range(1, n_frames + 1):  # one B-scan per frame, one volume per series
+                add_one(path, overlay.with_name(f"{overlay.stem}.f{k:03d}.png"), k, volume)
         else:
-            add_one(path, overlay, None)
+            add_one(path, overlay, None, patient_from_name(path.name) or folder or str(path))
 
     for arg in inputs:
         root = Path(arg)
@@ -154,7 +166,8 @@ def collect_inputs(inputs: list[str | Path]) -> tuple[list[Item], list[tuple[str
                     ignored.append(str(f))
                     continue
                 found = True
-                add(f, Path(name) / rel.parent / (rel.name + ".png"))
+                add(f, Path(name) / rel.parent / (rel.name + ".png"),
+                    f"{name}/{rel.parent.as_posix()}" if rel.parent != Path(".") else "")
             if not found:
                 failures.append((str(root), f"no images ({SUPPORTED}) in this folder"))
         elif root.exists():
@@ -215,15 +228,43 @@ def load_model(variant: str, models_dir: Path, device):
                          else str(exc)) from None
 
 
-def load_phi(variant: str, calibration_dir: Path) -> float:
+def load_calibration(variant: str, calibration_dir: Path) -> tuple[float, dict | None]:
+    """``(phi, the patient rule or None)`` of ``<calibration_dir>/<variant>/calibration.json``."""
     path = calibration_dir / variant / "calibration.json"
     if not path.is_file():
         raise UsageError(f"{path}: no calibrated phi; run `dvc repro calibrate@{variant}` "
                          f"(or pass --calibration)")
     try:
-        return float(json.loads(path.read_text())["phi"])
-    except (ValueError, KeyError, TypeError):
+        saved = json.loads(path.read_text())
+        rule = saved.get("patient")
+        if rule is not None:
+            rule = {"aggregation": str(rule["aggregation"]), "phi": float(rule["phi"])}
+        return float(saved["phi"]), rule
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise UsageError(f"{path}: no valid phi; re-run `dvc repro calibrate@{variant}`") from None
+
+
+def write_patients(path: Path, scored: list[tuple[str, float]], rule: dict) -> int:
+    """``patients.csv``: per patient (volume) the number of scans, the patient score (the
+    aggregation chosen on validation patients) and the decision at the patient phi; returns the
+    number of diseased patients."""
+    from .metrics import aggregate_patients
+
+    ids, _, scores = aggregate_patients([p for p, _ in scored], np.zeros(len(scored), int),
+                                        [s for _, s in scored], rule["aggregation"])
+    counts: dict[str, int] = {}
+    for p, _ in scored:
+        counts[p] = counts.get(p, 0) + 1
+    n_disease = 0
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["patient", "scans", "score", "aggregation", "phi", "decision"])
+        for pid, score in zip(ids, scores):
+            decision = "disease" if score > rule["phi"] else "normal"
+            n_disease += decision == "disease"
+            writer.writerow([pid, counts[pid], repr(float(score)), rule["aggregation"],
+                             repr(rule["phi"]), decision])
+    return n_disease
 
 
 class _Frames:
@@ -319,7 +360,7 @@ def predict(args: argparse.Namespace) -> int:
               f"only ({model.data.get('n_train', '?')} normal training scans of the embedded "
               f"generator); its scores and phi are not validated on real scans. Train on yours: "
               f"dvc exp run -S data.source=folder -S data.folder=<your OCT tree>", file=sys.stderr)
-    phi = load_phi(args.variant, args.calibration)
+    phi, patient_rule = load_calibration(args.variant, args.calibration)
     batch_size = args.batch_size or params.train.batch_size
 
     items, failures, ignored = collect_inputs(args.inputs)
@@ -336,10 +377,11 @@ def predict(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(params.seed)  # AnoGAN's search starts from torch's RNG, as in scoring
     n_scored = n_disease = 0
+    scored: list[tuple[str, float]] = []  # (patient, score) of every scored B-scan
     frames = _Frames()
     with open(out / "predictions.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["file", "frame", "score", "phi", "decision", "overlay"])
+        writer.writerow(["file", "frame", "patient", "score", "phi", "decision", "overlay"])
         for batch in _batches(items, batch_size):
             images, ok = [], []
             for item in batch:
@@ -369,15 +411,25 @@ def predict(args: argparse.Namespace) -> int:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(render_overlay(full, h[0], float(score), phi, decision, args.alpha,
                                                args.side_by_side)).save(target)
-                writer.writerow([str(item.path), item.frame or "", repr(float(score)), repr(phi),
-                                 decision,
+                writer.writerow([str(item.path), item.frame or "", item.patient,
+                                 repr(float(score)), repr(phi), decision,
                                  (Path("overlays") / item.overlay).as_posix()])
                 n_scored += 1
+                scored.append((item.patient, float(score)))
                 n_disease += decision == "disease"
             fh.flush()
     print(f"{n_scored} image(s) scored with {args.variant} (phi {phi:.6g}): {n_disease} disease, "
           f"{n_scored - n_disease} normal -> {out / 'predictions.csv'}"
           + (f"; {len(failures)} failed" if failures else ""))
+    if scored and patient_rule is not None:
+        n_pat = len({p for p, _ in scored})
+        sick = write_patients(out / "patients.csv", scored, patient_rule)
+        print(f"{n_pat} patient(s) / volume(s) ({patient_rule['aggregation']} of their scans' "
+              f"scores, phi {patient_rule['phi']:.6g}): {sick} disease -> {out / 'patients.csv'}")
+    elif scored:
+        print(f"note: {args.calibration / args.variant / 'calibration.json'} has no patient rule "
+              f"(calibrated before patient-level decisions, or without validation patients); "
+              f"re-run `dvc repro calibrate@{args.variant}` for patients.csv", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sparsegan.metrics import calibrate_variant
-from sparsegan.metrics import calibrate_phi, candidate_thresholds, detection_metrics
+from sklearn.metrics import roc_auc_score
+
+from sparsegan.metrics import (aggregate_patients, calibrate_phi, calibrate_variant,
+                               candidate_thresholds, detection_metrics)
 from sparsegan.params import CalibrateParams, Params
 
 # 11 validation scans, sorted by score; 4 diseased (label 1), 7 normal. A threshold phi between
@@ -123,3 +125,51 @@ def test_calibrate_variant_saves_phi_criterion_and_validation_point(tmp_path, cr
     assert ("target_sensitivity" in saved) == (criterion == "sensitivity")
     if criterion == "sensitivity":
         assert saved["target_sensitivity"] == target
+
+
+def test_patients_aggregate_their_scans_and_unknown_scans_stand_alone():
+    ids, y, s = aggregate_patients(["a", "a", "a", "a", "b", "", ""], [0, 1, 0, 0, 0, 1, 0],
+                                   [1.0, 5.0, 2.0, 0.0, 3.0, 7.0, 4.0], "max")
+    assert list(ids) == ["a", "b", "scan:5", "scan:6"]
+    assert list(y) == [1, 0, 1, 0] and list(s) == [5.0, 3.0, 7.0, 4.0]
+    _, _, mean = aggregate_patients(["a"] * 4, [0] * 4, [1.0, 5.0, 2.0, 0.0], "mean")
+    _, _, top3 = aggregate_patients(["a"] * 4, [0] * 4, [1.0, 5.0, 2.0, 0.0], "top3_mean")
+    assert mean[0] == pytest.approx(2.0) and top3[0] == pytest.approx(8.0 / 3)
+
+
+def test_patient_rule_is_chosen_on_validation_and_applied_to_test_patients(tmp_path):
+    """Diseased patients have one strongly abnormal scan among normal-looking ones: max beats
+    mean on validation, so max is chosen, and test reports one decision per patient."""
+    from sparsegan.evaluate import evaluate_variant
+    from sparsegan.metrics import calibrate_patients
+
+    rng = np.random.default_rng(0)
+
+    def patients(n, prefix):
+        rows = []
+        for k in range(n):
+            sick = k % 2
+            for j in range(4):
+                spike = sick and j == 0
+                rows.append({"path": f"{prefix}{k}_{j}", "label": sick,
+                             "class": "CNV" if sick else "NORMAL", "patient": f"{prefix}{k}",
+                             "score": rng.normal(3.0 if spike else 0.0, 0.5)})
+        return pd.DataFrame(rows)
+
+    val, test = patients(40, "v"), patients(30, "t")
+    rule = calibrate_patients(val["patient"], val["label"], val["score"], "youden", 0.95)
+    assert rule["aggregation"] == "max" and rule["n_patients"] == 40
+    assert rule["val_auc_by_aggregation"]["max"] > rule["val_auc_by_aggregation"]["mean"]
+    scores_dir, report = tmp_path / "scores", tmp_path / "report"
+    scores_dir.mkdir()
+    val.to_csv(scores_dir / "val.csv", index=False)
+    test.to_csv(scores_dir / "test.csv", index=False)
+    (scores_dir / "timing.json").write_text(json.dumps({"test_images_per_s": 1.0}))
+    calibration = calibrate_variant(Params(calibrate=CalibrateParams(criterion="youden")),
+                                    scores_dir, report / "calibration.json")
+    assert calibration["patient"]["aggregation"] == "max"
+    m = evaluate_variant("autoencoder", scores_dir, report, None, n_boot=50)
+    assert m["patient_aggregation"] == "max" and m["test_patient_count"] == 30
+    _, y, s = aggregate_patients(test["patient"], test["label"], test["score"], "max")
+    assert m["test_patient_auc"] == pytest.approx(roc_auc_score(y, s))
+    assert m["test_patient_auc"] > m["test_auc"]  # the spike decides per patient, not per scan

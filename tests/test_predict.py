@@ -89,7 +89,7 @@ def test_folder_with_good_and_bad_files(repo, capsys):
     err = capsys.readouterr().err
     assert code == 1
     rows = read_rows(repo["root"] / "preds" / "predictions.csv")
-    assert list(rows[0]) == ["file", "frame", "score", "phi", "decision", "overlay"]
+    assert list(rows[0]) == ["file", "frame", "patient", "score", "phi", "decision", "overlay"]
     by_name = {r["file"].replace("\\", "/").rsplit("/", 1)[-1]: r for r in rows}
     assert set(by_name) == {"gray1.jpeg", "gray2.jpg", "rgb.png"}
     for name, row in by_name.items():
@@ -291,6 +291,7 @@ def _dicom(path, frames, photometric="MONOCHROME2", sop=None):
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "OPT"
+    ds.SeriesInstanceUID = generate_uid()
     if frames is not None:
         colour = photometric == "RGB"
         ds.Rows, ds.Columns = (frames.shape[0], frames.shape[1]) if colour else frames.shape[1:]
@@ -378,3 +379,38 @@ def test_map_choice_residual_by_default_aam_on_request(repo, capsys):
     with Image.open(repo["root"] / "preds_res/overlays/gray1.jpeg.png") as x, \
             Image.open(repo["root"] / "preds_aam/overlays/gray1.jpeg.png") as y:
         assert not np.array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_patient_level_decisions_group_by_name_folder_and_dicom_series(repo, tmp_path, capsys):
+    """Patients from OCT2017 names, a folder per patient and a DICOM series; the patient score
+    is the validation-chosen aggregation of its scans' scores, decided at the patient phi."""
+    root = repo["root"]
+    calib = tmp_path / "cal" / "sparse_gan"
+    calib.mkdir(parents=True)
+    saved = json.loads((root / "reports/variants/sparse_gan/calibration.json").read_text())
+    saved["patient"] = {"aggregation": "max", "phi": repo["phi"]}
+    (calib / "calibration.json").write_text(json.dumps(saved))
+    scans = tmp_path / "in"
+    (scans / "p7").mkdir(parents=True)
+    for k, seed in enumerate((21, 22)):
+        Image.fromarray(scan(90, 70, seed)).save(scans / f"CNV-1234-{k + 1}.jpeg", quality=90)
+        Image.fromarray(scan(90, 70, seed + 10)).save(scans / "p7" / f"b{k}.png")
+    Image.fromarray(scan(90, 70, 40)).save(scans / "alone.png")
+    _dicom(scans / "vol.dcm", np.stack([scan(80, 60, s).astype(np.uint16) for s in (1, 2)]))
+    code = main(["predict", "--variant", "sparse_gan", "--models", str(root / "models"),
+                 "--calibration", str(tmp_path / "cal"), "--out", str(tmp_path / "out"),
+                 "--device", "cpu", str(scans)])
+    assert code == 0, capsys.readouterr().err
+    rows = read_rows(tmp_path / "out" / "predictions.csv")
+    patients = read_rows(tmp_path / "out" / "patients.csv")
+    by_patient: dict[str, list[float]] = {}
+    for r in rows:
+        by_patient.setdefault(r["patient"], []).append(float(r["score"]))
+    assert {k: len(v) for k, v in by_patient.items()} == {
+        "1234": 2, "in/p7": 2, str(scans / "alone.png"): 1,
+        next(k for k in by_patient if k.startswith("series ")): 2}
+    assert len(patients) == 4
+    for p in patients:
+        assert int(p["scans"]) == len(by_patient[p["patient"]])
+        assert float(p["score"]) == pytest.approx(max(by_patient[p["patient"]]))
+        assert p["decision"] == ("disease" if float(p["score"]) > repo["phi"] else "normal")

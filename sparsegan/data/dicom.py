@@ -55,12 +55,12 @@ def _check_image(ds) -> None:
                         f"B-scans ({_what(ds)})")
 
 
-def frame_count(path: str | os.PathLike) -> int:
-    """Number of B-scans in a DICOM file (header only); SkipImage when it holds no grayscale
-    image data."""
+def read_header(path: str | os.PathLike) -> tuple[int, str]:
+    """``(number of B-scans, series instance UID or "")`` of a DICOM file (header only; the
+    series is the volume its frames belong to); SkipImage when it holds no grayscale image."""
     ds = _read(path, pixels=False)
     _check_image(ds)
-    return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    return max(1, int(ds.get("NumberOfFrames", 1) or 1)), str(ds.get("SeriesInstanceUID", ""))
 
 
 def read_frames(path: str | os.PathLike) -> np.ndarray:

@@ -83,6 +83,12 @@ MARKER = ".extracted.json"
 # An OCT2017 file name: <CLASS>-<patientID>-<imageNo>.<ext>; its patient is trusted when the
 # class matches the folder. Any other name is taken too, its patient from patients.csv.
 _NAME = re.compile(r"^(?P<cls>[A-Za-z]+)-(?P<patient>[0-9A-Za-z]+)-(?P<no>\d+)\.[A-Za-z]+$")
+
+
+def patient_from_name(name: str) -> str | None:
+    """The patient of an OCT2017 file name ``<CLASS>-<patient>-<n>.<ext>``, else None."""
+    m = _NAME.match(name)
+    return m["patient"] if m else None
 PATIENTS_CSV = "patients.csv"
 _IGNORED_FILES = {"thumbs.db", "desktop.ini"}
 _MAX_DEPTH = 4
