@@ -193,13 +193,17 @@ def table1_markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n\nEach cell: ours / paper (Zhou et al., ISBI 2020, OCT2017).\n"
 
 
-def _log_to_mlflow(variant: str, params: Params, model_dir: Path, metrics: dict,
-                   report_dir: Path) -> None:
-    """The test metrics, their files and the trained model (``mlflow.pytorch.log_model``) into
-    the variant's training run (or a new run when that one lives in another store)."""
-    import mlflow
-    import mlflow.pytorch
+def _log_to_mlflow(variant: str, model_dir: Path, metrics: dict, report_dir: Path,
+                   processed_dir: Path) -> None:
+    """The test metrics, their files and the registered screening model
+    (:func:`sparsegan.serving.log_screening_model`, its input example a test scan) into the
+    variant's training run (or a new run when that one lives in another store)."""
+    import tempfile
 
+    import mlflow
+    from PIL import Image
+
+    from .serving import log_screening_model
     from .tracking import start_run
 
     run_file = model_dir / "mlflow_run.json"
@@ -211,9 +215,11 @@ def _log_to_mlflow(variant: str, params: Params, model_dir: Path, metrics: dict,
         mlflow.set_tag("calibrate.criterion", metrics["criterion"])
         for name in ("calibration.json", "metrics.json", "roc.csv"):
             mlflow.log_artifact(str(report_dir / name))
-        mlflow.pytorch.log_model(load_trained(model_dir, variant=variant).detector, name="model",
-                                 serialization_format="pickle",
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        calibration = json.loads((report_dir / "calibration.json").read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            example = Path(tmp) / "example.png"
+            Image.fromarray(np.load(processed_dir / "test.npy", mmap_mode="r")[0, 0]).save(example)
+            log_screening_model(variant, model_dir, calibration, example)
 
 
 def evaluate(variant: str, params: Params, processed_dir: Path, scores_dir: Path,
@@ -226,7 +232,7 @@ def evaluate(variant: str, params: Params, processed_dir: Path, scores_dir: Path
     metrics = evaluate_variant(variant, scores_dir, report_dir, test_masks, seed=params.seed,
                                n_boot=n_boot)
     if log_mlflow:
-        _log_to_mlflow(variant, params, model_dir, metrics, report_dir)
+        _log_to_mlflow(variant, model_dir, metrics, report_dir, processed_dir)
     return metrics
 
 

@@ -7,7 +7,8 @@ Usage (from the repository root, after ``dvc repro``)::
 
 Options: ``--models models`` (reads ``<models>/<variant>/model.pt``), ``--calibration
 reports/variants`` (reads ``<calibration>/<variant>/calibration.json``, the phi chosen on the
-validation set), ``--batch-size`` (default: the model's ``train.batch_size``), ``--device``
+validation set), ``--model-uri`` (instead of both: a registered screening model, e.g.
+``models:/sparse-gan-oct-sparse_gan@champion``, see :mod:`sparsegan.serving`), ``--batch-size`` (default: the model's ``train.batch_size``), ``--device``
 (default: auto), ``--alpha`` (heatmap opacity, 0.45). No params.yaml is read: ``model.pt``
 describes itself (architecture, image size, the preprocessing it was trained on).
 
@@ -89,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="score image files or folders with a trained variant",
                        description="Score OCT B-scans with a trained, calibrated variant; write "
                                    "predictions.csv and an anomaly-map overlay per image.")
-    p.add_argument("--variant", required=True, help="e.g. sparse_gan")
+    p.add_argument("--variant", help="e.g. sparse_gan (required without --model-uri)")
+    p.add_argument("--model-uri", help="an MLflow screening model instead of --models and "
+                                       "--calibration, e.g. models:/sparse-gan-oct-sparse_gan@champion")
     p.add_argument("--models", type=Path, default=Path("models"),
                    help="folder holding <variant>/model.pt (default: models)")
     p.add_argument("--calibration", type=Path, default=Path("reports/variants"),
@@ -228,6 +231,21 @@ def load_model(variant: str, models_dir: Path, device):
                          else str(exc)) from None
 
 
+def load_model_uri(uri: str, variant: str | None, device):
+    """``(trained model, phi, patient rule, where from)`` of an MLflow screening model."""
+    from .serving import resolve_model_uri
+    from .train import CheckpointError, load_trained
+
+    try:
+        folder, config = resolve_model_uri(uri)
+        model = load_trained(folder, device, variant=variant or config["variant"])
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - MLflow's errors for a bad URI vary; one line
+        raise UsageError(f"--model-uri {uri}: {' '.join(str(exc).split())[:200]}") from None
+    return model, float(config["phi"]), config.get("patient"), uri
+
+
 def load_calibration(variant: str, calibration_dir: Path) -> tuple[float, dict | None]:
     """``(phi, the patient rule or None)`` of ``<calibration_dir>/<variant>/calibration.json``."""
     path = calibration_dir / variant / "calibration.json"
@@ -335,7 +353,9 @@ def predict(args: argparse.Namespace) -> int:
     """The ``predict`` command; returns 0 or 1, raises :class:`UsageError`."""
     from .params import VARIANTS
 
-    if args.variant not in VARIANTS:
+    if args.variant is None and not args.model_uri:
+        raise UsageError("pass --variant (a model under --models) or --model-uri")
+    if args.variant is not None and args.variant not in VARIANTS:
         raise UsageError(f"unknown variant {args.variant!r}: choose one of {', '.join(VARIANTS)}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -353,14 +373,19 @@ def predict(args: argparse.Namespace) -> int:
         device = resolve_device(args.device)
     except RuntimeError as exc:
         raise UsageError(str(exc)) from None
-    model = load_model(args.variant, args.models, device)
+    if args.model_uri:
+        model, phi, patient_rule, source = load_model_uri(args.model_uri, args.variant, device)
+        args.variant = model.variant
+    else:
+        model = load_model(args.variant, args.models, device)
+        phi, patient_rule = load_calibration(args.variant, args.calibration)
+        source = args.models / args.variant / "model.pt"
     detector, size, params = model.detector, model.image_size, model.params
     if model.data.get("source") == "synthetic":
-        print(f"warning: {args.models / args.variant / 'model.pt'} was trained on synthetic scans "
+        print(f"warning: {source} was trained on synthetic scans "
               f"only ({model.data.get('n_train', '?')} normal training scans of the embedded "
               f"generator); its scores and phi are not validated on real scans. Train on yours: "
               f"dvc exp run -S data.source=folder -S data.folder=<your OCT tree>", file=sys.stderr)
-    phi, patient_rule = load_calibration(args.variant, args.calibration)
     batch_size = args.batch_size or params.train.batch_size
 
     items, failures, ignored = collect_inputs(args.inputs)

@@ -2,7 +2,8 @@
 
 Writes ``reports/metrics.json`` (one entry per variant, with the paired test of sparse_gan against
 it), ``reports/table1.md``, ``reports/roc.csv``, the figures in ``reports/figures/`` and the
-self-contained page ``reports/index.html``, which is also logged to MLflow (run ``report``).
+self-contained page ``reports/index.html``, which is also logged to MLflow (run ``report``); the
+registered screening model of the row with the best validation AUC gets the alias ``champion``.
 """
 
 from __future__ import annotations
@@ -44,4 +45,8 @@ def build_report(params: Params, processed_dir: Path, scores_root: Path, models_
             mlflow.log_artifact(str(index))
             mlflow.log_artifact(str(reports_root / "table1.md"))
             mlflow.log_artifact(str(reports_root / "metrics.json"))
+            from .serving import set_champion
+            champion = set_champion({v: m["val_auc"] for v, m in results.items()})
+            if champion:
+                mlflow.set_tag("champion", champion)
     return results

@@ -109,6 +109,12 @@ def test_mlflow_runs_hold_the_same_numbers(pipeline: Path):
         assert {"metrics.json", "roc.csv", "calibration.json"} <= logged
     model_runs = client.search_logged_models([exp.experiment_id])
     assert {m.source_run_id for m in model_runs} == {r.info.run_id for r in by_variant.values()}
+    # one registered screening model per row; champion = the best validation AUC
+    assert {m.name for m in client.search_registered_models()} == {
+        f"sparse-gan-oct-{v}" for v in VARIANTS}
+    best = max(VARIANTS, key=lambda v: metrics[v]["val_auc"])
+    assert client.get_model_version_by_alias(f"sparse-gan-oct-{best}", "champion")
+    assert report.data.tags["champion"] == best
 
 
 def test_changing_lambda_sp_reruns_only_sparse_gan(pipeline: Path):

@@ -1,0 +1,188 @@
+"""The screening model as an MLflow model: pyfunc, Model Registry, REST serving.
+
+:class:`ScreeningModel` is an ``mlflow.pyfunc.PythonModel`` whose artifacts are the trained
+``model.pt`` (weights and plain data, loaded with ``weights_only``) and a JSON config (variant,
+phi, the patient rule, the map drawn); no pickle of our classes. Its input is a DataFrame with a
+column ``image``: each value a B-scan file's bytes in base64 (what a REST client sends) or a path
+to the file; any size and mode, converted exactly as in training
+(:func:`sparsegan.data.preprocess.load_gray`). Its output has per image ``score``, ``phi``,
+``decision`` (``disease`` when score > phi, eq. 5) and ``map_png`` (the localising map at the
+model's resolution, min-max normalised, as a base64 8-bit PNG; the residual activation map for
+latent variants, else the difference map).
+
+:func:`log_screening_model` logs it into the active run and registers it as
+``sparse-gan-oct-<variant>`` (one registered model per row); :func:`set_champion` gives the alias
+``champion`` to the row with the best *validation* AUC. Then::
+
+    mlflow models serve -m models:/sparse-gan-oct-autoencoder@champion --env-manager local -p 5001
+    sparsegan predict --model-uri models:/sparse-gan-oct-autoencoder@champion --out preds/ scans/
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REGISTERED_PREFIX = "sparse-gan-oct-"
+CONFIG = "screening.json"
+
+
+def registered_name(variant: str) -> str:
+    return REGISTERED_PREFIX + variant
+
+
+def screening_config(variant: str, calibration: dict, map_name: str) -> dict:
+    """The JSON config logged beside the weights."""
+    rule = calibration.get("patient")
+    return {"variant": variant, "phi": float(calibration["phi"]),
+            "criterion": calibration.get("criterion"), "map": map_name,
+            "patient": None if rule is None else {"aggregation": rule["aggregation"],
+                                                  "phi": float(rule["phi"])}}
+
+
+def _image_file(value: str, tmp: Path, k: int) -> Path:
+    """A path as given, or base64 file bytes written to a temporary file."""
+    if len(value) < 4096 and os.path.isfile(value):
+        return Path(value)
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"image {k}: neither an existing file nor base64 file bytes") from None
+    path = tmp / f"image{k}"
+    path.write_bytes(data)
+    return path
+
+
+def _pyfunc_base():
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.PythonModel
+
+
+class ScreeningModel(_pyfunc_base()):
+    """See the module docstring."""
+
+    def load_context(self, context) -> None:
+        from .train import load_trained
+
+        self.config = json.loads(Path(context.artifacts["config"]).read_text())
+        weights = Path(context.artifacts["weights"])
+        self.trained = load_trained(weights.parent, variant=self.config["variant"])
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+        import torch
+        from PIL import Image
+
+        from .data.dataset import to_float
+        from .data.preprocess import SkipImage, load_gray
+
+        m, cfg = self.trained, self.config
+        fill = m.params.preprocess.fill_corners
+        rows = []
+        with tempfile.TemporaryDirectory() as tmp:
+            images = []
+            for k, value in enumerate(model_input["image"].tolist()):
+                try:
+                    images.append(load_gray(_image_file(str(value), Path(tmp), k), m.image_size,
+                                            fill))
+                except SkipImage as exc:
+                    raise ValueError(f"image {k}: {exc}") from None
+        torch.manual_seed(m.params.seed)  # AnoGAN's search starts from torch's RNG, as in scoring
+        with torch.no_grad():
+            out = m.detector.score(to_float(np.stack(images)[:, None]))
+        heat = out.maps[cfg["map"]].float().numpy()[:, 0]
+        for score, h in zip(out.score.float().numpy(), heat):
+            lo, hi = float(h.min()), float(h.max())
+            h = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
+            png = io.BytesIO()
+            Image.fromarray(np.rint(h * 255).astype(np.uint8)).save(png, "PNG")
+            rows.append({"score": float(score), "phi": cfg["phi"],
+                         "decision": "disease" if score > cfg["phi"] else "normal",
+                         "map_png": base64.b64encode(png.getvalue()).decode()})
+        return pd.DataFrame(rows)
+
+
+def default_map(variant: str) -> str:
+    """The map a reader is shown: the residual activation map for latent variants."""
+    return "aam_residual" if variant in ("pix2pix_latent", "sparse_gan") else "difference"
+
+
+def log_screening_model(variant: str, model_dir: Path, calibration: dict,
+                        example_image: Path | None = None):
+    """Log the pyfunc screening model into the active run and register it (one registered model
+    per row); returns the ``ModelInfo``."""
+    import mlflow
+    import pandas as pd
+    import torch
+
+    from .train import load_trained
+
+    model_dir = Path(model_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / CONFIG
+        config.write_text(json.dumps(screening_config(variant, calibration, default_map(variant)),
+                                     indent=1))
+        artifacts = {"weights": str(model_dir / "model.pt"), "config": str(config)}
+        signature = input_example = None
+        if example_image is not None:
+            input_example = pd.DataFrame(
+                {"image": [base64.b64encode(Path(example_image).read_bytes()).decode()]})
+
+            class _Context:  # the example's output gives the signature
+                pass
+
+            ctx = _Context()
+            ctx.artifacts = artifacts
+            model = ScreeningModel()
+            model.load_context(ctx)
+            signature = mlflow.models.infer_signature(input_example,
+                                                      model.predict(ctx, input_example))
+        load_trained(model_dir, variant=variant)  # a bad model file fails here, named
+        return mlflow.pyfunc.log_model(
+            name="screening", python_model=ScreeningModel(), artifacts=artifacts,
+            code_paths=[str(Path(__file__).resolve().parent)], signature=signature,
+            input_example=input_example, registered_model_name=registered_name(variant),
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"mlflow=={mlflow.__version__}", "numpy", "pandas", "pillow",
+                              "scipy", "pyyaml"])
+
+
+def set_champion(val_aucs: dict[str, float], client=None) -> str | None:
+    """Alias ``champion`` on the latest version of the row with the best validation AUC (the
+    test split never chooses); returns that row, or None when none of them is registered."""
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    for variant in sorted(val_aucs, key=lambda v: -val_aucs[v]):
+        versions = client.search_model_versions(f"name = '{registered_name(variant)}'")
+        if versions:
+            latest = max(versions, key=lambda v: int(v.version))
+            client.set_registered_model_alias(registered_name(variant), "champion",
+                                              latest.version)
+            return variant
+    return None
+
+
+def resolve_model_uri(uri: str) -> tuple[Path, dict]:
+    """``(folder holding model.pt, screening config)`` of an MLflow model URI
+    (``models:/<name>@champion``, ``runs:/...``), downloaded from the tracking store."""
+    import mlflow
+
+    from .tracking import open_experiment, tracking_uri
+
+    open_experiment(tracking_uri())
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    weights = next(local.rglob("model.pt"), None)
+    config = next(local.rglob(CONFIG), None)
+    if weights is None or config is None:
+        raise FileNotFoundError(f"{uri}: not a screening model of this pipeline (no model.pt "
+                                f"and {CONFIG} among its artifacts)")
+    return weights.parent, json.loads(config.read_text())
