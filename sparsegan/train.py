@@ -35,9 +35,9 @@ Speed (``scripts/bench.py`` measures each point; ``make bench``):
 * **Data**: batches come from the uint8 memmap by one sorted gather into one buffer, are copied
   to the device as uint8 (page-locked and asynchronous on CUDA, with a prefetch thread there:
   :func:`data_prefetch`) and converted to float on the device. The epoch's time spent waiting
-  for batches is logged as ``data_wait_share`` (about 1% of a step on CPU).
+  for batches is logged as ``data_wait_share``.
 * **Layout and precision**: the networks and batches are channels_last on CPU too (oneDNN's
-  preferred layout: 1.18x on 2 cores), bf16 autocast and ``cudnn.benchmark`` on CUDA;
+  preferred layout), bf16 autocast and ``cudnn.benchmark`` on CUDA;
   ``train.compile`` compiles the networks (:func:`compile_networks`).
 * **Several GPUs**: under torchrun (``train.nproc_per_node`` > 1, see
   :mod:`sparsegan.distributed`) each rank trains on its shard of every global batch, each network
@@ -241,8 +241,7 @@ def _row_metrics(row: dict) -> dict[str, float]:
 def data_prefetch(device: torch.device) -> int:
     """Batches gathered ahead by a background thread: 2 on CUDA (the gather and the page-locked
     copy overlap the GPU's work), 0 on CPU, where the thread would only take cycles from the
-    step's own threads (``scripts/bench.py`` measured the wait at 1.3% of a step without it and
-    2.3% with it on 2 cores)."""
+    step's own threads (``scripts/bench.py`` measures the wait both ways)."""
     return 2 if device.type == "cuda" else 0
 
 

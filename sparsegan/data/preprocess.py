@@ -45,8 +45,8 @@ Image policy (:func:`load_gray`):
 * Decoding runs in a ``multiprocessing`` pool (``workers``; 0 = all cores) over chunks of rows
   with ``imap``; each worker writes its images straight into their rows of the memory-mapped
   output (only digests and skip reasons come back), the rows of skipped files are closed up at
-  the end, so the output keeps the input order; a tqdm bar shows progress. On 2 cores this
-  decodes 512x496 JPEGs to 224x224 about 2.5x as fast as a plain PIL loop (``make bench``).
+  the end, so the output keeps the input order; a tqdm bar shows progress (``make bench``
+  measures the rate against a plain PIL loop).
 """
 
 from __future__ import annotations
@@ -225,8 +225,8 @@ def fill_corners(image: np.ndarray, high: int = 250, low: int = 128,
     """``image`` (uint8 [H, W]) with its white registration wedges replaced by background.
 
     OCT2017 scans registered by the device often carry white (255) wedges in a corner, where the
-    rotated frame left no data: 30 of our 51 real samples and about a fifth of the synthetic
-    scans. They are not anatomy, yet at a few percent of the pixels they dominate a
+    rotated frame left no data (README: how many real and synthetic scans have them). They are
+    not anatomy, yet at a few percent of the pixels they dominate a
     reconstruction error (an autoencoder cannot predict where a wedge starts). A wedge is a
     connected region of pixels >= ``low`` that holds a saturated pixel (>= ``high``) on the top or
     bottom row within a quarter of the width from a corner, and covers at least ``min_area`` of the

@@ -797,7 +797,7 @@ def _work(args: tuple[Path, SyntheticParams, _Job]) -> dict:
 
 def _worker_init() -> None:
     """Pool workers keep freed memory (glibc): the per-scan temporaries of a few MB would
-    otherwise be mmap'ed and page-faulted anew for every scan (about 25% of the time)."""
+    otherwise be mmap'ed and page-faulted anew for every scan."""
     try:
         import ctypes
 

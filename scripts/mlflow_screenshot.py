@@ -1,0 +1,99 @@
+"""Screenshot of the MLflow UI comparing the latest pipeline run's variants (for the README).
+
+    python scripts/mlflow_screenshot.py [--db mlflow.db] [--out docs/mlflow_runs.png]
+
+Starts ``mlflow ui`` on a free port of 127.0.0.1 over the store, opens the "compare runs" page of
+the most recent run of every variant in headless Chromium (the ``chromium`` command,
+``.ci/install_chromium.sh``), saves the PNG and stops the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sparsegan.params import VARIANTS  # noqa: E402
+from sparsegan.tracking import EXPERIMENT  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def latest_runs(uri: str) -> tuple[str, list[str]]:
+    """(experiment id, run ids of the newest finished run of each variant)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    if exp is None:
+        raise SystemExit(f"{uri}: no experiment {EXPERIMENT!r}; run the pipeline first")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
+                              max_results=500)
+    chosen: dict[str, str] = {}
+    for r in runs:
+        v = r.data.tags.get("variant")
+        if v in VARIANTS and v not in chosen and "test_auc" in r.data.metrics:
+            chosen[v] = r.info.run_id
+    if not chosen:
+        raise SystemExit(f"{uri}: no evaluated variant runs yet; run the pipeline first")
+    return exp.experiment_id, [chosen[v] for v in VARIANTS if v in chosen]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--db", type=Path, default=ROOT / "mlflow.db")
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "mlflow_runs.png")
+    ap.add_argument("--size", default="1600,1000", help="window width,height")
+    a = ap.parse_args()
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        raise SystemExit("no chromium command; run bash .ci/install_chromium.sh")
+    uri = f"sqlite:///{a.db.resolve()}"
+    exp_id, run_ids = latest_runs(uri)
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui",
+                               "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",
+                               str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise SystemExit("mlflow ui did not start") from None
+                time.sleep(1)
+        query = urllib.parse.urlencode({"runs": json.dumps(run_ids),
+                                        "experiments": json.dumps([exp_id])})
+        url = f"http://127.0.0.1:{port}/#/compare-runs?{query}"
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu",
+                        "--hide-scrollbars", f"--window-size={a.size}",
+                        "--virtual-time-budget=20000", f"--screenshot={a.out.resolve()}", url],
+                       check=True, capture_output=True, timeout=180)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    print(f"{a.out} <- {url}")
+
+
+if __name__ == "__main__":
+    main()
