@@ -63,3 +63,11 @@ def test_jobs_report_every_figure(tmp_path):
                            "full_repro_s": 600.0}}
     table = bench.markdown(result)
     assert "| sparse_gan |" in table and "0.20" in table and "0.50x" in table
+    # the peak is the best measured rate: a conv-bound step at 30 GFLOP/s against a matmul rate
+    # of 10 and a conv rate of 40 is 75% of peak, not 300%
+    fast = {**result, "peak": {**peak, "matmul_fp32_gflops": 10.0, "conv_fp32_gflops": 40.0},
+            "train": {"default": {**result["train"]["default"],
+                                  "variants": {"sparse_gan": {**job,
+                                                              "train_achieved_gflops": 30.0}}}}}
+    table = bench.markdown(fast)
+    assert "**75%**" in table and "300%" not in table
