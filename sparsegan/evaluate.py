@@ -1,6 +1,6 @@
 """Scoring and evaluation on test, per variant; phi is calibrated on validation apart (eq. 5).
 
-Separate DVC stages, so that the test set can never influence phi: ``score_variant`` writes
+Separate DVC stages, so that the test set can never influence phi: ``sparsegan.scoring.score_variant`` writes
 validation and test scores (and test anomaly maps), ``sparsegan.metrics.calibrate_variant`` reads
 the *validation* scores only, ``evaluate`` applies that phi to the test scores, and ``summarize`` gathers all
 variants into ``reports/metrics.json`` and ``reports/table1.md``.
@@ -11,19 +11,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.metrics import roc_auc_score
 
-from .data.dataset import iterate_batches, load_split
-from .metrics import aggregate_patients, detection_metrics, pixel_auroc, roc_table
+from .metrics import MAP_NAMES, aggregate_patients, detection_metrics, pixel_auroc, roc_table
 from .params import Params
 from .stats import delong_test, paired_bootstrap, patient_bootstrap
-from .train import load_trained, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -36,42 +32,6 @@ PAPER_TABLE1 = {
     "pix2pix_latent": ("pix2pix #2 (latent)", 0.837, 0.874, 0.815, 0.900),
     "sparse_gan": ("Sparse-GAN", 0.885, 0.925, 0.841, 0.951),
 }
-
-
-def score_images(detector, images: np.ndarray, batch_size: int, device: torch.device,
-                 keep_maps: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Scores (N,) and, if ``keep_maps``, float16 maps (N, 1, S, S) by name plus the
-    reconstruction as uint8 ("reconstruction")."""
-    scores, maps = [], {}
-    for x in iterate_batches(images, batch_size, shuffle=False):
-        out = detector.score(x.to(device))
-        scores.append(out.score.float().cpu().numpy())
-        if keep_maps:
-            for name, m in out.maps.items():
-                maps.setdefault(name, []).append(m.float().cpu().numpy().astype(np.float16))
-            rec = ((out.reconstruction.float().cpu().numpy() + 1) * 127.5).round().clip(0, 255)
-            maps.setdefault("reconstruction", []).append(rec.astype(np.uint8))
-    return np.concatenate(scores), {k: np.concatenate(v) for k, v in maps.items()}
-
-
-def score_variant(variant: str, params: Params, processed_dir: Path, model_dir: Path,
-                  out_dir: Path) -> None:
-    """Write ``out_dir/{val,test}.csv`` (index + score), ``test_maps.npz`` and ``timing.json``."""
-    device = resolve_device(params.train.device)
-    torch.manual_seed(params.seed)  # AnoGAN's search draws its start from torch's RNG
-    detector = load_trained(model_dir, device, variant=variant, scoring=params).detector
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timing = {}
-    for split in ("val", "test"):
-        images, index, _ = load_split(processed_dir, split)
-        tic = time.perf_counter()
-        scores, maps = score_images(detector, images, params.train.batch_size, device,
-                                    keep_maps=split == "test")
-        timing[f"{split}_images_per_s"] = len(images) / (time.perf_counter() - tic)
-        index.assign(score=scores).to_csv(out_dir / f"{split}.csv", index=False)
-        if maps:
-            np.savez_compressed(out_dir / "test_maps.npz", **maps)
-    (out_dir / "timing.json").write_text(json.dumps(timing, indent=1))
 
 
 def evaluate_variant(variant: str, scores_dir: Path, report_dir: Path,
@@ -124,7 +84,7 @@ def evaluate_variant(variant: str, scores_dir: Path, report_dir: Path,
     if test_masks is not None:
         maps = np.load(scores_dir / "test_maps.npz")
         diseased = labels == 1
-        for name in ("difference", "aam", "aam_residual"):
+        for name in MAP_NAMES:
             if name in maps:
                 metrics[f"pixel_auroc_{name}"] = pixel_auroc(
                     maps[name][diseased].astype(np.float32), test_masks[diseased])

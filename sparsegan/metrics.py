@@ -92,6 +92,19 @@ def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
     return float(roc_auc_score(truth, maps.reshape(-1)))
 
 
+# Anomaly maps a variant may give (sparsegan.models): the paper's AAM (eq. 8), the residual
+# activation map (ours) and |I_in - I_re|. Calibration shows the one that localises best.
+MAP_NAMES = ("aam_residual", "aam", "difference")
+
+
+def choose_map(val_localisation: dict[str, float]) -> str | None:
+    """The map with the highest validation pixel AUROC (ties: the first of MAP_NAMES)."""
+    finite = {k: v for k, v in val_localisation.items() if k in MAP_NAMES and np.isfinite(v)}
+    if not finite:
+        return None
+    return max(finite, key=lambda k: (finite[k], -MAP_NAMES.index(k)))
+
+
 # Ways to turn a patient's B-scan scores into one patient score (chosen on validation patients).
 PATIENT_AGGREGATIONS = ("max", "mean", "top3_mean")
 
@@ -138,8 +151,10 @@ def calibrate_patients(patients, labels, scores, criterion: str, target_sensitiv
 
 def calibrate_variant(params: Params, scores_dir: Path, out_path: Path) -> dict:
     """Stage calibrate@<variant>: phi from ``scores_dir/val.csv`` only (eq. 5), with the
-    validation operating point, to ``out_path``; and the patient-level rule
-    (:func:`calibrate_patients`) under ``"patient"`` when the scans have patients."""
+    validation operating point, to ``out_path``; the patient-level rule
+    (:func:`calibrate_patients`) under ``"patient"`` when the scans have patients; the map shown
+    to readers (:func:`choose_map`, best validation pixel AUROC) under ``"map"`` when validation
+    has lesion masks."""
     import pandas as pd
 
     val = pd.read_csv(scores_dir / "val.csv", dtype={"patient": str}, keep_default_na=False)
@@ -150,6 +165,12 @@ def calibrate_variant(params: Params, scores_dir: Path, out_path: Path) -> dict:
               "validation": detection_metrics(val["label"].to_numpy(), val["score"].to_numpy(), phi)}
     if c.criterion == "sensitivity":
         result["target_sensitivity"] = c.target_sensitivity
+    localisation = scores_dir / "val_localisation.json"
+    if localisation.exists():
+        shown = choose_map(json.loads(localisation.read_text()))
+        if shown is not None:
+            result["map"] = shown
+            result["val_pixel_auroc"] = json.loads(localisation.read_text())
     if "patient" in val.columns:
         patient = calibrate_patients(val["patient"].to_numpy(), val["label"].to_numpy(),
                                      val["score"].to_numpy(), c.criterion, c.target_sensitivity)

@@ -28,9 +28,10 @@ Writes into ``--out``:
                      empty for image files), ``patient`` (see below), ``score`` (the variant's
                      anomaly score), ``phi``, ``decision`` (``disease`` when ``score > phi``, else
                      ``normal``, eq. 5) and ``overlay`` (the PNG's path inside ``--out``)
-``overlays/...``     per image, the anomaly map (``--map``; default: the residual activation map
-                     for latent variants, which localises lesions, else the difference map
-                     ``|I_in - I_re|``; the paper's AAM with ``--map aam``) min-max normalised,
+``overlays/...``     per image, the anomaly map (``--map``; default: the one with the best pixel
+                     AUROC on the validation lesion masks, ``calibration.json``'s ``map``, else
+                     the residual activation map for latent variants, else ``|I_in - I_re|``;
+                     the paper's AAM with ``--map aam``) min-max normalised,
                      upsampled to the scan's own resolution, coloured with matplotlib's ``jet``
                      and blended over the scan, with the decision, score and phi written on it:
                      an RGB PNG of the input's size (``--side-by-side``: the plain scan on the
@@ -104,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: auto (CUDA when there is one)")
     p.add_argument("--alpha", type=float, default=0.45, help="heatmap opacity (default: 0.45)")
     p.add_argument("--map", choices=("auto", "aam_residual", "aam", "difference"), default="auto",
-                   help="the map drawn: auto = the residual activation map for latent variants "
-                        "(it localises lesions; the paper's AAM lights up the background), the "
-                        "difference map |I_in - I_re| otherwise")
+                   help="the map drawn: auto = the one that localised best on the validation "
+                        "lesion masks (calibration.json), else the residual activation map for "
+                        "latent variants, else the difference map |I_in - I_re|")
     p.add_argument("--side-by-side", action="store_true",
                    help="put the plain scan left of the overlay (the PNG is twice as wide)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
@@ -232,7 +233,8 @@ def load_model(variant: str, models_dir: Path, device):
 
 
 def load_model_uri(uri: str, variant: str | None, device):
-    """``(trained model, phi, patient rule, where from)`` of an MLflow screening model."""
+    """``(trained model, phi, patient rule, map shown, where from)`` of an MLflow screening
+    model."""
     from .serving import resolve_model_uri
     from .train import CheckpointError, load_trained
 
@@ -243,11 +245,12 @@ def load_model_uri(uri: str, variant: str | None, device):
         raise UsageError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - MLflow's errors for a bad URI vary; one line
         raise UsageError(f"--model-uri {uri}: {' '.join(str(exc).split())[:200]}") from None
-    return model, float(config["phi"]), config.get("patient"), uri
+    return model, float(config["phi"]), config.get("patient"), config.get("map"), uri
 
 
-def load_calibration(variant: str, calibration_dir: Path) -> tuple[float, dict | None]:
-    """``(phi, the patient rule or None)`` of ``<calibration_dir>/<variant>/calibration.json``."""
+def load_calibration(variant: str, calibration_dir: Path) -> tuple[float, dict | None, str | None]:
+    """``(phi, the patient rule or None, the map chosen on validation or None)`` of
+    ``<calibration_dir>/<variant>/calibration.json``."""
     path = calibration_dir / variant / "calibration.json"
     if not path.is_file():
         raise UsageError(f"{path}: no calibrated phi; run `dvc repro calibrate@{variant}` "
@@ -257,7 +260,7 @@ def load_calibration(variant: str, calibration_dir: Path) -> tuple[float, dict |
         rule = saved.get("patient")
         if rule is not None:
             rule = {"aggregation": str(rule["aggregation"]), "phi": float(rule["phi"])}
-        return float(saved["phi"]), rule
+        return float(saved["phi"]), rule, saved.get("map")
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UsageError(f"{path}: no valid phi; re-run `dvc repro calibrate@{variant}`") from None
 
@@ -328,9 +331,13 @@ def load_full(item: Item, frames: _Frames) -> np.ndarray:
     return gray_full_from_array(frames.get(item.path, item.frame))
 
 
-def map_name(choice: str, maps: dict) -> str:
-    """The map ``--map`` asks for among those the variant gives (UsageError if it has none)."""
+def map_name(choice: str, maps: dict, calibrated: str | None = None) -> str:
+    """The map ``--map`` asks for among those the variant gives (UsageError if it has none);
+    ``auto``: the one calibration chose on validation lesion masks, else the residual activation
+    map for latent variants, else the difference map."""
     if choice == "auto":
+        if calibrated in maps:
+            return calibrated
         return "aam_residual" if "aam_residual" in maps else "difference"
     if choice not in maps:
         raise UsageError(f"--map {choice}: this variant gives only {', '.join(sorted(maps))}")
@@ -374,11 +381,12 @@ def predict(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise UsageError(str(exc)) from None
     if args.model_uri:
-        model, phi, patient_rule, source = load_model_uri(args.model_uri, args.variant, device)
+        model, phi, patient_rule, shown, source = load_model_uri(args.model_uri, args.variant,
+                                                                 device)
         args.variant = model.variant
     else:
         model = load_model(args.variant, args.models, device)
-        phi, patient_rule = load_calibration(args.variant, args.calibration)
+        phi, patient_rule, shown = load_calibration(args.variant, args.calibration)
         source = args.models / args.variant / "model.pt"
     detector, size, params = model.detector, model.image_size, model.params
     if model.data.get("source") == "synthetic":
@@ -421,7 +429,7 @@ def predict(args: argparse.Namespace) -> int:
             with torch.no_grad():
                 result = detector.score(x)
             scores = result.score.float().cpu().numpy()
-            heat = result.maps[map_name(args.map, result.maps)].float().cpu().numpy()
+            heat = result.maps[map_name(args.map, result.maps, shown)].float().cpu().numpy()
             for item, score, h in zip(ok, scores, heat):
                 if not np.isfinite(score):
                     fail(str(item.path), f"the model gave a non-finite score ({score})")

@@ -7,8 +7,9 @@ column ``image``: each value a B-scan file's bytes in base64 (what a REST client
 to the file; any size and mode, converted exactly as in training
 (:func:`sparsegan.data.preprocess.load_gray`). Its output has per image ``score``, ``phi``,
 ``decision`` (``disease`` when score > phi, eq. 5) and ``map_png`` (the localising map at the
-model's resolution, min-max normalised, as a base64 8-bit PNG; the residual activation map for
-latent variants, else the difference map).
+model's resolution, min-max normalised, as a base64 8-bit PNG: the map with the best validation
+pixel AUROC, ``calibration.json``'s ``map``; without masks the residual activation map for latent
+variants, else the difference map).
 
 :func:`log_screening_model` logs it into the active run and registers it as
 ``sparse-gan-oct-<variant>`` (one registered model per row); :func:`set_champion` gives the alias
@@ -111,7 +112,8 @@ class ScreeningModel(_pyfunc_base()):
 
 
 def default_map(variant: str) -> str:
-    """The map a reader is shown: the residual activation map for latent variants."""
+    """The map a reader is shown when calibration had no lesion masks to choose one on: the
+    residual activation map for latent variants."""
     return "aam_residual" if variant in ("pix2pix_latent", "sparse_gan") else "difference"
 
 
@@ -128,8 +130,8 @@ def log_screening_model(variant: str, model_dir: Path, calibration: dict,
     model_dir = Path(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / CONFIG
-        config.write_text(json.dumps(screening_config(variant, calibration, default_map(variant)),
-                                     indent=1))
+        shown = calibration.get("map") or default_map(variant)
+        config.write_text(json.dumps(screening_config(variant, calibration, shown), indent=1))
         artifacts = {"weights": str(model_dir / "model.pt"), "config": str(config)}
         signature = input_example = None
         if example_image is not None:

@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 from sparsegan.cli import run_stage
-from sparsegan.evaluate import score_variant
+from sparsegan.scoring import score_variant
 from sparsegan.params import load_params
 
 

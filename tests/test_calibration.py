@@ -173,3 +173,19 @@ def test_patient_rule_is_chosen_on_validation_and_applied_to_test_patients(tmp_p
     _, y, s = aggregate_patients(test["patient"], test["label"], test["score"], "max")
     assert m["test_patient_auc"] == pytest.approx(roc_auc_score(y, s))
     assert m["test_patient_auc"] > m["test_auc"]  # the spike decides per patient, not per scan
+
+
+def test_the_map_shown_is_the_best_on_validation_masks(tmp_path):
+    from sparsegan.metrics import choose_map
+
+    assert choose_map({"aam": 0.3, "aam_residual": 0.8, "difference": 0.7}) == "aam_residual"
+    assert choose_map({"aam": 0.9, "difference": float("nan")}) == "aam"
+    assert choose_map({"difference": 0.6, "aam_residual": 0.6}) == "aam_residual"  # tie: order
+    assert choose_map({}) is None
+    scores_dir = tmp_path / "scores"
+    scores_dir.mkdir()
+    pd.DataFrame({"label": [0, 1, 0, 1], "score": [0.1, 0.9, 0.2, 0.8],
+                  "patient": ["a", "b", "c", "d"]}).to_csv(scores_dir / "val.csv", index=False)
+    (scores_dir / "val_localisation.json").write_text(json.dumps({"aam": 0.2, "difference": 0.7}))
+    result = calibrate_variant(Params(), scores_dir, tmp_path / "calibration.json")
+    assert result["map"] == "difference" and result["val_pixel_auroc"]["aam"] == 0.2

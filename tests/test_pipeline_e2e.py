@@ -112,6 +112,11 @@ def test_mlflow_runs_hold_the_same_numbers(pipeline: Path):
     # one registered screening model per row; champion = the best validation AUC
     assert {m.name for m in client.search_registered_models()} == {
         f"sparse-gan-oct-{v}" for v in VARIANTS}
+    calibration = json.loads((pipeline / "reports/variants/sparse_gan/calibration.json")
+                             .read_text())  # the map shown: chosen on validation lesion masks
+    assert calibration["map"] == max(calibration["val_pixel_auroc"],
+                                     key=calibration["val_pixel_auroc"].get)
+    assert "patient" in calibration and "test_patient_auc" in metrics["sparse_gan"]
     best = max(VARIANTS, key=lambda v: metrics[v]["val_auc"])
     assert client.get_model_version_by_alias(f"sparse-gan-oct-{best}", "champion")
     assert report.data.tags["champion"] == best

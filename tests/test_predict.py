@@ -189,7 +189,6 @@ def test_overlay_image_blends_colormap_over_gray():
 
 
 def test_variant_without_aam_uses_the_difference_map_and_16bit_input(repo, tmp_path, capsys):
-    root = repo["root"]
     params = Params(model=ModelParams(base_channels=4))
     torch.manual_seed(1)
     detector = build_detector("autoencoder", params, SIZE).eval()
@@ -414,3 +413,19 @@ def test_patient_level_decisions_group_by_name_folder_and_dicom_series(repo, tmp
         assert int(p["scans"]) == len(by_patient[p["patient"]])
         assert float(p["score"]) == pytest.approx(max(by_patient[p["patient"]]))
         assert p["decision"] == ("disease" if float(p["score"]) > repo["phi"] else "normal")
+
+
+def test_auto_map_follows_the_calibrated_choice(repo, tmp_path):
+    root = repo["root"]
+    calib = tmp_path / "cal" / "sparse_gan"
+    calib.mkdir(parents=True)
+    saved = json.loads((root / "reports/variants/sparse_gan/calibration.json").read_text())
+    (calib / "calibration.json").write_text(json.dumps({**saved, "map": "aam"}))
+    common = ["predict", "--variant", "sparse_gan", "--models", str(root / "models"),
+              "--calibration", str(tmp_path / "cal"), "--device", "cpu",
+              str(repo["scans"] / "gray1.jpeg")]
+    assert main([*common, "--out", str(tmp_path / "auto")]) == 0
+    assert main([*common, "--out", str(tmp_path / "aam"), "--map", "aam"]) == 0
+    with Image.open(tmp_path / "auto/overlays/gray1.jpeg.png") as a, \
+            Image.open(tmp_path / "aam/overlays/gray1.jpeg.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))

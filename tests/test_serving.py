@@ -45,8 +45,9 @@ def store(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
+    old, cwd = os.environ.get("MLFLOW_TRACKING_URI"), os.getcwd()
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.chdir(root)  # the artifact root (./mlruns) is fixed where the experiment is created
     scans = root / "scans"
     scans.mkdir()
     for k in (1, 2):
@@ -67,6 +68,7 @@ def store(tmp_path_factory):
             log_screening_model(variant, root / "models" / variant, calibration, scans / "s1.png")
         mlflow.end_run()
     assert set_champion({"sparse_gan": 0.8, "autoencoder": 0.7}) == "sparse_gan"
+    os.chdir(cwd)
     yield {"root": root, "uri": uri, "scans": scans}
     if old is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)

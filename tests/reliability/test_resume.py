@@ -19,7 +19,7 @@ import yaml
 from reliability_helpers import (PYTHON, REPO, STAGES, make_processed, run_stage, stage_env,
                                  write_params)
 from sparsegan.data.dataset import load_split
-from sparsegan.evaluate import score_images
+from sparsegan.scoring import score_images
 from sparsegan.params import VARIANTS, load_params
 from sparsegan.train import load_trained, train_variant
 
