@@ -25,6 +25,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -76,6 +77,7 @@ class ScreeningModel(_pyfunc_base()):
         self.config = json.loads(Path(context.artifacts["config"]).read_text())
         weights = Path(context.artifacts["weights"])
         self.trained = load_trained(weights.parent, variant=self.config["variant"])
+        self.warned = False
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -86,6 +88,13 @@ class ScreeningModel(_pyfunc_base()):
         from .data.preprocess import SkipImage, load_gray
 
         m, cfg = self.trained, self.config
+        if m.data.get("source") == "synthetic" and not getattr(self, "warned", True):
+            self.warned = True  # once per loaded model
+            logging.getLogger("sparsegan.serving").warning(
+                "this screening model was trained on synthetic scans only (%s normal training "
+                "scans of the embedded generator); its scores and phi are not validated on real "
+                "scans. Train on yours: dvc exp run -S data.source=folder -S data.folder=<tree>",
+                m.data.get("n_train", "?"))
         fill = m.params.preprocess.fill_corners
         rows = []
         with tempfile.TemporaryDirectory() as tmp:

@@ -154,3 +154,29 @@ def test_mlflow_models_serve_answers_with_the_predict_scores(store, tmp_path):
     assert [a["decision"] for a in answer] == [r["decision"] for r in local]
     np.testing.assert_allclose([a["score"] for a in answer],
                                [float(r["score"]) for r in local], rtol=1e-5)
+
+
+def test_the_served_model_warns_once_when_trained_on_synthetic_scans(store, tmp_path, caplog):
+    import logging
+
+    import pandas as pd
+
+    from sparsegan.serving import ScreeningModel, screening_config
+
+    state = torch.load(store["root"] / "models" / "sparse_gan" / "model.pt", weights_only=True)
+    state["data"] = {"source": "synthetic", "n_train": 2400}
+    torch.save(state, tmp_path / "model.pt")
+    (tmp_path / "c.json").write_text(json.dumps(screening_config(
+        "sparse_gan", {"phi": 0.0}, "aam_residual")))
+
+    class Ctx:
+        artifacts = {"weights": str(tmp_path / "model.pt"), "config": str(tmp_path / "c.json")}
+
+    model = ScreeningModel()
+    model.load_context(Ctx())
+    frame = pd.DataFrame({"image": [str(store["scans"] / "s1.png")]})
+    with caplog.at_level(logging.WARNING, logger="sparsegan.serving"):
+        model.predict(Ctx(), frame)
+        model.predict(Ctx(), frame)
+    warnings = [r for r in caplog.records if "trained on synthetic scans" in r.getMessage()]
+    assert len(warnings) == 1 and "2400" in warnings[0].getMessage()
