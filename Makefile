@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: pipeline test setup clean-venv bench
+.PHONY: pipeline test setup clean-venv bench study
 
 $(STAMP): requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=python3"; exit 1; }
@@ -29,3 +29,9 @@ test: setup
 # `make bench BENCH_ARGS=--pipeline` also times a full `dvc repro` and a `dvc exp run` after it.
 bench: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench.py $(BENCH_ARGS)
+
+# Table 1 on the default synthetic data over 3 training seeds: one `dvc exp run -S seeds=[0,1,2]`
+# -> studies/synthetic/{metrics.json,results.json,results.md} (the README's synthetic table).
+# The real-data table: scripts/study.py run --folder <tree> (README).
+study: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/study.py run --study synthetic --seeds 0 1 2

@@ -17,16 +17,18 @@ Writes ``reports/bench.json`` and prints a short markdown table (ratios first). 
   much of the gain is the decoder and how much the cores). Best of two runs each. On these
   noisy scans (like real ones) Huffman decoding dominates, which reduced-DCT decoding cannot
   shorten: the decoder's gain is mostly the cheaper resize from the half-size image.
-* ``train``: per variant, images/s of ``detector.train_step`` at the default size of
+* ``train``: per trained model, images/s of its training step (``sparsegan.train.setup_detector``
+  and ``train_step``, the training's own) at the default size of
   ``params.yaml`` (64x64, base width 16, batch 32) and at the paper's 224x224 with base width 64
   (batch 8 on CPU, 32 on CUDA, a few steps), with the model's counted FLOPs per image
   (``torch.utils.flop_counter.FlopCounterMode`` over whole steps / images; f-AnoGAN over
   ``n_critic`` steps, which include one G step) and the achieved FLOP/s as a fraction of the
-  peak, the best of the measured matmul and conv rates (so no fraction exceeds 100%). f-AnoGAN's two phases are timed separately. Each (variant,
+  peak, the best of the measured matmul and conv rates (so no fraction exceeds 100%). f-AnoGAN's two phases are timed separately. Each (model,
   size) runs in a fresh process, so that its peak memory (``ru_maxrss``; CUDA:
   ``max_memory_allocated``) is its own.
-* ``inference``: images/s of ``detector.score`` per variant (AnoGAN's z search with its default
-  ``search_steps`` included), after training steps, in eval mode.
+* ``inference``: images/s of every score of the model at once (``sparsegan.scoring.score_batch``,
+  as the score stage runs it; AnoGAN's z search with its default ``search_steps`` included),
+  after training steps, in eval mode.
 * ``data_wait``: the share of a training epoch spent waiting for the next batch in the training
   loop's own iterator (``iterate_batches`` over the uint8 memmap, shuffled, with and without the
   prefetch thread), sparse_gan at the default size, where the step is shortest; plus the time to
@@ -35,7 +37,7 @@ Writes ``reports/bench.json`` and prints a short markdown table (ratios first). 
   of channels_last; D's weight gradients computed in the G step; one thread).
 * ``pipeline`` (``--pipeline``, off by default: it takes about as long as ``dvc repro``): a full
   default ``dvc repro`` in a temporary copy of the repository, then an experiment that changes
-  one param of one variant, ``dvc exp run -S train.lambda_sp=25`` (params.yaml's value is
+  one param of one model, ``dvc exp run -S train.lambda_sp=25`` (params.yaml's value is
   already the paper's 50, so ``-S train.lambda_sp=50`` would change nothing and run nothing);
   the ratio of the two times (target at most 1/3).
 
@@ -66,7 +68,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("autoencoder", "pix2pix_image", "pix2pix_latent", "sparse_gan", "anogan", "fanogan")
+from sparsegan.params import MODELS  # noqa: E402 - the trained models
 
 
 BUSY_LIMIT = 0.15  # cores used by other processes (mean) above which timings are flagged
@@ -244,12 +246,12 @@ def bench_preprocess(paths: list[Path], size: int, work: Path, workers: int = 0,
             "draft_speedup_1core": round(best["draft_1core"] / best["plain_pil"], 2)}
 
 
-# ------------------------------------------------------------------------ per-variant jobs
+# ------------------------------------------------------------------------ per-model jobs
 
-def _params(size: int, base: int, batch: int, device: str):
+def _params(size: int, base: int, batch: int, device: str, compile: bool = False):
     from sparsegan.params import ModelParams, Params, TrainParams
     return Params(model=ModelParams(base_channels=base),
-                  train=TrainParams(batch_size=batch, device=device))
+                  train=TrainParams(batch_size=batch, device=device, compile=compile))
 
 
 def _batch(data: str, batch: int, device):
@@ -286,17 +288,17 @@ def _count_flops(fn, steps: int) -> float:
     return Count.total
 
 
-def variant_job(variant: str, size: int, base: int, batch: int, data: str, device_name: str,
+def model_job(model: str, size: int, base: int, batch: int, data: str, device_name: str,
                 train_seconds: float = 2.0, train_min_steps: int = 2, score_batch: int = 0,
                 score_seconds: float = 1.0, count_score_flops: bool = True,
                 channels_last: bool = True, freeze_d: bool = True, threads: int = 0,
                 compile: bool = False) -> dict:
-    """Train-step and score throughput of one variant at one size, with FLOPs and peak memory.
+    """Train-step and score throughput of one model at one size, with FLOPs and peak memory.
     Meant to run in a fresh process (peak memory is the process's)."""
     import torch
 
-    from sparsegan.models import build_detector
-    from sparsegan.train import _autocast, compile_networks, resolve_device
+    from sparsegan.scoring import score_batch as score_all
+    from sparsegan.train import autocast, resolve_device, setup_detector, train_step
     if threads:
         torch.set_num_threads(threads)
     if not freeze_d:  # ablation: D's weight gradients computed in the G step, as before
@@ -304,28 +306,22 @@ def variant_job(variant: str, size: int, base: int, batch: int, data: str, devic
         sg.frozen = lambda *m, **k: contextlib.nullcontext()
     device = resolve_device(device_name)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
-    out: dict = {"variant": variant, "size": size, "base_channels": base, "batch": batch,
+    out: dict = {"model": model, "size": size, "base_channels": base, "batch": batch,
                  "threads": torch.get_num_threads(), "load_before": load(),
                  "start_rss_mb": round(rss_mb(), 1)}
-    torch.manual_seed(0)
-    params = _params(size, base, batch, device.type)
-    detector = build_detector(variant, params, size).to(device)
+    params = _params(size, base, batch, device.type, compile)
+    # the training's own set-up and step (sparsegan.train), NCHW only for the ablation
+    detector = setup_detector(model, 0, params, size, device, channels_last=channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    detector = detector.to(memory_format=fmt)
-    if compile:
-        compile_networks(detector)
     x = _batch(data, batch, device).contiguous(memory_format=fmt)
-    detector.train()
     phases = list(dict.fromkeys(detector.phases()))  # e.g. ["gan", "encoder"]
     epochs = detector.phases()
     out["phases"] = {}
     for phase in phases:
         def step(phase=phase):
-            with _autocast(device):
-                detector.train_step(x, phase)
-        group = detector.p.n_critic if variant == "fanogan" and phase == "gan" else 1
+            train_step(detector, x, phase, device, channels_last=channels_last)
+        group = detector.p.n_critic if model == "fanogan" and phase == "gan" else 1
         for _ in range(1 if not compile else 3 * group):  # warm-up (and compilation)
             step()
         _sync(device)
@@ -360,13 +356,10 @@ def variant_job(variant: str, size: int, base: int, batch: int, data: str, devic
         detector.eval()
         xs = _batch(data, score_batch, device).contiguous(memory_format=fmt)
 
-        def score():
-            with _autocast(device):
-                detector.score(xs)
-        if variant == "anogan":  # warm-up with a 1-step search; then the full default search
-            detector.search(xs, steps=1)
-        else:
-            score()
+        def score():  # every score of the model, as the score stage computes them
+            with autocast(device):
+                score_all(detector, xs, params.score)
+        score()  # warm-up
         _sync(device)
         if count_score_flops:
             out["score_gflops_per_image"] = round(_count_flops(score, 1) / score_batch / 1e9, 4)
@@ -380,8 +373,8 @@ def variant_job(variant: str, size: int, base: int, batch: int, data: str, devic
         seconds = float(np.median(times))
         out["score_batch"] = score_batch
         out["score_images_per_s"] = round(score_batch / seconds, 2)
-        if variant == "anogan":
-            out["search_steps"] = detector.p.search_steps
+        if model == "anogan":
+            out["search_steps"] = params.score.anogan.search_steps
     out["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if device.type == "cuda":
         out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -389,23 +382,20 @@ def variant_job(variant: str, size: int, base: int, batch: int, data: str, devic
     return out
 
 
-def data_wait_job(data: str, variant: str, size: int, base: int, batch: int, device_name: str,
+def data_wait_job(data: str, model: str, size: int, base: int, batch: int, device_name: str,
                   epochs: int = 2, prefetch: int = 2, data_224: str | None = None) -> dict:
     """Share of the training loop's time spent waiting for batches (the loop of
-    ``sparsegan.train.train_variant``: ``iterate_batches`` over the memmap, shuffled)."""
+    ``sparsegan.train.train_model``: ``iterate_batches`` over the memmap, shuffled)."""
     import torch
 
     from sparsegan.data.dataset import iterate_batches
-    from sparsegan.models import build_detector
-    from sparsegan.train import _autocast, data_prefetch, resolve_device
+    from sparsegan.train import data_prefetch, resolve_device, setup_detector, train_step
     device = resolve_device(device_name)
     images = np.load(data, mmap_mode="r")
-    torch.manual_seed(0)
-    detector = build_detector(variant, _params(size, base, batch, device.type), size).to(device)
-    detector = detector.to(memory_format=torch.channels_last).train()
+    detector = setup_detector(model, 0, _params(size, base, batch, device.type), size, device)
     phase = detector.phases()[0]
     generator = torch.Generator().manual_seed(0)
-    out: dict = {"variant": variant, "size": size, "batch": batch, "images": len(images),
+    out: dict = {"model": model, "size": size, "batch": batch, "images": len(images),
                  "load_before": load(), "training_uses": f"prefetch_{data_prefetch(device)}"}
     for pf in sorted({0, prefetch, data_prefetch(device)}):
         waited = total = 0.0
@@ -421,9 +411,7 @@ def data_wait_job(data: str, variant: str, size: int, base: int, batch: int, dev
                 waited += time.perf_counter() - w
                 if x is None:
                     break
-                x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(device):
-                    detector.train_step(x, phase)
+                train_step(detector, x, phase, device)
                 steps += 1
             _sync(device)
             total += time.perf_counter() - tic
@@ -550,7 +538,7 @@ def markdown(r: dict) -> str:
         f"plain PIL loop | **{pre['speedup_vs_plain']}x** (draft alone, one core: "
         f"{pre['draft_speedup_1core']}x) | >= 2x |",
     ]
-    sg = r["train"]["default"]["variants"].get("sparse_gan")
+    sg = r["train"]["default"]["models"].get("sparse_gan")
     if sg:
         lines.append(f"| sparse_gan training on {r['machine']['device']} at the default size, "
                      f"counted FLOP/s / best measured fp32 rate ({peak_name}) | "
@@ -574,13 +562,13 @@ def markdown(r: dict) -> str:
         t = r["train"].get(name)
         if not t:
             continue
-        lines += ["", f"Per variant, {title} ({t['size']}x{t['size']}, base width "
+        lines += ["", f"Per model, {title} ({t['size']}x{t['size']}, base width "
                       f"{t['base_channels']}, training batch {t['batch']}); FLOP/s as a share of "
                       f"the measured fp32 matmul rate:", "",
-                  "| variant | GFLOP/image (train step) | train FLOP/s / best fp32 rate | "
+                  "| model | GFLOP/image (train step) | train FLOP/s / best fp32 rate | "
                   "train img/s | inference img/s | inference / train speed | peak memory MB |",
                   "|---|---|---|---|---|---|---|"]
-        for v, d in t["variants"].items():
+        for v, d in t["models"].items():
             inf = d.get("score_images_per_s")
             mem = d.get("cuda_peak_mb", d.get("peak_rss_mb"))
             frac = f"{d['train_achieved_gflops'] / peak:.0%}"
@@ -625,7 +613,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="time only the pipeline (as --pipeline) and update it in --out")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     ap.add_argument("--no-isolate", action="store_true",
-                    help="run the per-variant jobs in this process (peak memory is then shared)")
+                    help="run the per-model jobs in this process (peak memory is then shared)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
     if args.pipeline_only:
@@ -691,13 +679,13 @@ def main(argv: list[str] | None = None) -> dict:
         r["train"] = {}
         for name, (size, base, batch) in sizes.items():
             r["train"][name] = {"size": size, "base_channels": base, "batch": batch,
-                                "variants": {}}
-            for v in VARIANTS:
+                                "models": {}}
+            for v in MODELS:
                 print(f"[bench] {v} at {size}x{size}, base {base}, batch {batch} ...",
                       file=sys.stderr)
                 paper = name == "paper"
-                r["train"][name]["variants"][v] = run(
-                    variant_job, variant=v, size=size, base=base, batch=batch, data=data[name],
+                r["train"][name]["models"][v] = run(
+                    model_job, model=v, size=size, base=base, batch=batch, data=data[name],
                     device_name=device, train_seconds=0.5 if quick else (1.0 if paper else 3.0),
                     train_min_steps=3 if paper else 5,
                     score_batch=(batch if not paper else (32 if cuda else 4)),
@@ -705,20 +693,20 @@ def main(argv: list[str] | None = None) -> dict:
                     count_score_flops=not (paper and v == "anogan"))
         size, base, batch = sizes["default"]
         print("[bench] data wait ...", file=sys.stderr)
-        r["data_wait"] = run(data_wait_job, data=data["default"], variant="sparse_gan",
+        r["data_wait"] = run(data_wait_job, data=data["default"], model="sparse_gan",
                              size=size, base=base, batch=batch, device_name=device,
                              epochs=1 if quick else 3, data_224=data224)
         print("[bench] ablations ...", file=sys.stderr)
-        common = dict(variant="sparse_gan", size=size, base=base, batch=batch,
+        common = dict(model="sparse_gan", size=size, base=base, batch=batch,
                       data=data["default"], device_name=device,
                       train_seconds=0.5 if quick else 3.0, train_min_steps=5, score_batch=0)
-        ab = {"all_measures": r["train"]["default"]["variants"]["sparse_gan"]}
+        ab = {"all_measures": r["train"]["default"]["models"]["sparse_gan"]}
         if not cuda:
-            ab["nchw_instead_of_channels_last"] = run(variant_job, **common, channels_last=False)
-            ab["d_weight_grads_in_g_step"] = run(variant_job, **common, freeze_d=False)
-            ab["one_thread"] = run(variant_job, **common, threads=1)
+            ab["nchw_instead_of_channels_last"] = run(model_job, **common, channels_last=False)
+            ab["d_weight_grads_in_g_step"] = run(model_job, **common, freeze_d=False)
+            ab["one_thread"] = run(model_job, **common, threads=1)
         if args.compile:
-            ab["torch_compile"] = run(variant_job, **common, compile=True)
+            ab["torch_compile"] = run(model_job, **common, compile=True)
         r["ablation_details"] = {k: {key: v[key] for key in (
             "train_images_per_s", "train_achieved_gflops", "threads", "load_before",
             "load_after", "others_cores") if key in v} for k, v in ab.items()}
@@ -730,7 +718,7 @@ def main(argv: list[str] | None = None) -> dict:
     r["machine"]["load_after"] = load()
     r["machine"]["bench_seconds"] = round(time.perf_counter() - t0, 1)
     busy = [r["machine"]["others_cores"]] + [
-        d.get("others_cores", 0) for t in r["train"].values() for d in t["variants"].values()]
+        d.get("others_cores", 0) for t in r["train"].values() for d in t["models"].values()]
     r["machine"]["max_others_cores"] = max(busy)
     r["machine"]["reliable"] = bool(cuda or max(busy) <= BUSY_LIMIT)
     r["markdown"] = markdown(r)

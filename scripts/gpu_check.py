@@ -63,7 +63,8 @@ def bf16_matmul_tflops(device, n: int = 8192, reps: int = 20) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variant", default="sparse_gan")
+    from sparsegan.params import MODELS  # torch-free
+    ap.add_argument("--model", "--variant", dest="model", default="sparse_gan", choices=MODELS)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--base", type=int, default=64, help="model.base_channels")
     ap.add_argument("--batch", type=int, default=32)
@@ -84,28 +85,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from sparsegan.data.dataset import iterate_batches
-    from sparsegan.models import build_detector
     from sparsegan.params import ModelParams, Params, TrainParams
-    from sparsegan.train import _autocast, compile_networks
+    from sparsegan.train import compile_networks, setup_detector, train_step
     sys.path.insert(0, str(ROOT / "scripts"))
     from bench import _count_flops  # FLOP formulas of torch.utils.flop_counter
 
     started = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats(device)
     params = Params(model=ModelParams(base_channels=args.base),
                     train=TrainParams(batch_size=args.batch, device=device.type))
-    torch.manual_seed(0)
-    detector = build_detector(args.variant, params, args.size).to(device)
-    detector = detector.to(memory_format=torch.channels_last).train()
+    # the training's own set-up and step (sparsegan.train); compiled below, after the count
+    detector = setup_detector(args.model, 0, params, args.size, device)
     phase = detector.phases()[0]
     # counted FLOPs of one step (eager, before any compilation; the step's update is harmless)
-    zeros = torch.zeros(args.batch, 1, args.size, args.size, device=device
-                        ).contiguous(memory_format=torch.channels_last)
-    with _autocast(device):
-        flops = _count_flops(lambda: detector.train_step(zeros, phase), 1) / args.batch
+    zeros = torch.zeros(args.batch, 1, args.size, args.size, device=device)
+    flops = _count_flops(lambda: train_step(detector, zeros, phase, device), 1) / args.batch
     del zeros
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -131,12 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             tic = time.perf_counter()
             x = next(stream)
             waited = time.perf_counter() - tic
-            x = x.contiguous(memory_format=torch.channels_last)
-            with _autocast(device):
-                detector.train_step(x, phase)  # returns floats: synchronises every step
+            train_step(detector, x, phase, device)  # returns floats: synchronises every step
             return waited
 
-        print(f"[gpu_check] {args.variant} {args.size}x{args.size}, base {args.base} "
+        print(f"[gpu_check] {args.model} {args.size}x{args.size}, base {args.base} "
               f"({n_params / 1e6:.1f} M parameters), batch {args.batch}, bf16 autocast, "
               f"channels_last{', torch.compile' if args.compile else ''} on "
               f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}",
@@ -159,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no timed step within --max-seconds", file=sys.stderr)
         return 1
     ips = steps * args.batch / seconds
-    result = {"variant": args.variant, "size": args.size, "base_channels": args.base,
+    result = {"model": args.model, "size": args.size, "base_channels": args.base,
               "batch": args.batch, "parameters_M": round(n_params / 1e6, 2),
               "compile": args.compile, "timed_steps": steps, "warmup_steps": args.warmup,
               "warmup_s": round(warm_s, 1), "step_ms": round(1e3 * seconds / steps, 2),

@@ -1,9 +1,9 @@
-"""Screenshot of the MLflow UI comparing the latest pipeline run's variants (for the README).
+"""Screenshot of the MLflow UI comparing the latest pipeline run's trained models (for the README).
 
     python scripts/mlflow_screenshot.py [--db mlflow.db] [--out docs/mlflow_runs.png]
 
 Starts ``mlflow ui`` on a free port of 127.0.0.1 over the store, opens the "compare runs" page of
-the most recent run of every variant in headless Chromium (the ``chromium`` command,
+the most recent child run of every trained model in headless Chromium (the ``chromium`` command,
 ``.ci/install_chromium.sh``), saves the PNG and stops the server.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sparsegan.params import VARIANTS  # noqa: E402
+from sparsegan.params import MODELS  # noqa: E402
 from sparsegan.tracking import EXPERIMENT  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def _free_port() -> int:
 
 
 def latest_runs(uri: str) -> tuple[str, list[str]]:
-    """(experiment id, run ids of the newest finished run of each variant)."""
+    """(experiment id, run ids of the newest evaluated child run of each trained model)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -47,12 +47,13 @@ def latest_runs(uri: str) -> tuple[str, list[str]]:
                               max_results=500)
     chosen: dict[str, str] = {}
     for r in runs:
-        v = r.data.tags.get("variant")
-        if v in VARIANTS and v not in chosen and "test_auc" in r.data.metrics:
-            chosen[v] = r.info.run_id
+        m = r.data.tags.get("model")
+        evaluated = any(k.endswith(".test_auc") for k in r.data.metrics)
+        if m in MODELS and m not in chosen and evaluated:
+            chosen[m] = r.info.run_id
     if not chosen:
-        raise SystemExit(f"{uri}: no evaluated variant runs yet; run the pipeline first")
-    return exp.experiment_id, [chosen[v] for v in VARIANTS if v in chosen]
+        raise SystemExit(f"{uri}: no evaluated runs yet; run the pipeline first")
+    return exp.experiment_id, [chosen[m] for m in MODELS if m in chosen]
 
 
 def main() -> None:

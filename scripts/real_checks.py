@@ -3,11 +3,11 @@
     python scripts/real_checks.py --folder ../shared/oct_real --check lr_decay --seeds 0 1
     python scripts/real_checks.py --list
 
-Each check trains the variants it concerns with a few params changed (library calls, the same
+Each check trains the models it concerns with a few params changed (library calls, the same
 functions the DVC stages run; data prepared once per image size / corner setting by the stage
 scripts in ``studies/.work/``) and scores the **validation** split only: the test split is never
 scored here, so nothing chosen from these numbers has seen it. One JSON line per (check, setting,
-variant, seed) goes to ``studies/real/checks.jsonl``: the variant's val AUC, and for reconstruction
+model, seed) goes to ``studies/real/checks.jsonl``: the val AUC of its Table 1 score, and for reconstruction
 models the val AUC of the image score (MSE and L1) and of the latent score (eq. 4), the RMS of
 H_in on normal scans, the share of near-zero SRN code entries; for f-AnoGAN each score term
 alone; for every model the held-out operating point of each calibration criterion (phi chosen
@@ -35,17 +35,23 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 from sparsegan.data.dataset import iterate_batches, load_split  # noqa: E402
 from sparsegan.metrics import calibrate_phi, detection_metrics  # noqa: E402
-from sparsegan.models.anomaly import image_anomaly_score, latent_anomaly_score  # noqa: E402
+from sparsegan.anomaly import image_anomaly_score, latent_anomaly_score  # noqa: E402
 from sparsegan.params import parse_params  # noqa: E402
 from sparsegan.stats import patient_codes  # noqa: E402
 from sparsegan.models.sparse_gan import ReconstructionDetector  # noqa: E402
-from sparsegan.train import load_trained, train_variant  # noqa: E402
+from sparsegan.scoring import score_batch  # noqa: E402
+from sparsegan.train import load_trained, train_model  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "scripts"))
-from real_study import REAL_SPLIT  # noqa: E402
+from study import REAL_SPLIT  # noqa: E402
 
-GEN = ["autoencoder", "pix2pix_latent", "sparse_gan"]  # pix2pix_latent's model also gives #1
-# check -> {setting name: (variants, overrides as a nested params.yaml mapping)}
+GEN = ["autoencoder", "pix2pix", "sparse_gan"]  # the pix2pix model gives both #1 and #2
+# The score a record's val_auc is of: each model's Table 1 row (pix2pix: #2, its #1 is the
+# image MSE, val_auc_image_mse). Records before the (model, score) layout name pix2pix
+# "pix2pix_latent".
+PRIMARY = {"autoencoder": "image", "pix2pix": "latent", "sparse_gan": "latent",
+           "anogan": "search", "fanogan": "izif"}
+# check -> {setting name: (models, overrides as a nested params.yaml mapping)}
 CHECKS: dict[str, dict[str, tuple[list[str], dict]]] = {
     "baseline": {"default": (GEN + ["anogan", "fanogan"], {})},
     "lr_decay": {"constant": (GEN, {"train": {"lr_decay": 0.0}})},
@@ -107,13 +113,13 @@ def held_out_calibration(labels: np.ndarray, scores: np.ndarray, groups: np.ndar
 
 
 @torch.no_grad()
-def diagnose(variant: str, params, model_dir: Path, processed: Path, seed: int) -> dict:
+def diagnose(model: str, params, model_dir: Path, processed: Path, seed: int) -> dict:
     images, index, _ = load_split(processed, "val")
     labels = index["label"].to_numpy()
-    detector = load_trained(model_dir, variant=variant, scoring=params).detector
+    detector = load_trained(model_dir, model=model).detector
     own, extra = [], {}
     for x in iterate_batches(images, 64, shuffle=False):
-        out = detector.score(x)
+        out = score_batch(detector, x, params.score)[PRIMARY[model]]
         own.append(out.score.numpy())
         if isinstance(detector, ReconstructionDetector):
             h = detector.encoder(x)
@@ -131,7 +137,7 @@ def diagnose(variant: str, params, model_dir: Path, processed: Path, seed: int) 
                 res = (h - detector.srn.reconstruct(code)).flatten(1).pow(2).mean(1)
                 extra.setdefault("code_residual_share", []).append(
                     (res / h.flatten(1).pow(2).mean(1).clamp_min(1e-12)).numpy())
-        if variant == "fanogan":
+        if model == "fanogan":
             image_mse, feature_mse, _ = detector.izif(x)
             extra.setdefault("image_mse", []).append(image_mse.numpy())
             extra.setdefault("feature_mse", []).append(feature_mse.numpy())
@@ -147,7 +153,7 @@ def diagnose(variant: str, params, model_dir: Path, processed: Path, seed: int) 
     for k in ("h_rms", "code_zero", "code_residual_share"):
         if k in extra:
             result[f"{k}_normal_mean"] = float(extra[k][normal].mean())
-    if variant == "pix2pix_latent":
+    if model == "pix2pix":
         result["val_auc_pix2pix_image"] = result["val_auc_image_mse"]
     return result
 
@@ -171,17 +177,16 @@ def run(folder: Path | None, check: str, seeds: list[int], settings: list[str] |
             continue
         raw = merge(real, over)
         processed = prepare(raw, data)
+        params = parse_params(raw)
         for seed in seeds:
-            raw["seed"] = seed
-            params = parse_params(raw)
             for variant in variants:
                 tag = f"{data}-{check}-{name}-{variant}-s{seed}"
                 model_dir = ROOT / "studies" / ".work" / "models" / tag
                 tic = time.perf_counter()
                 if not (model_dir / "model.pt").is_file():
-                    train_variant(variant, params, processed, model_dir,
-                                  ROOT / "studies" / ".work" / "checkpoints" / tag,
-                                  log_mlflow=False)
+                    train_model(variant, seed, params, processed, model_dir,
+                                ROOT / "studies" / ".work" / "checkpoints" / tag,
+                                log_mlflow=False)
                 rec = {"data": data, "check": check, "setting": name, "variant": variant, "seed": seed,
                        "overrides": over, "train_s": time.perf_counter() - tic,
                        **diagnose(variant, params, model_dir, processed, seed)}
@@ -232,12 +237,13 @@ def summary(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Table 1's six rows as (trained variant, record field of its validation AUC): pix2pix #1 is the
-# image score of the pix2pix model that the checks train once.
-ROWS = {"autoencoder": ("autoencoder", "val_auc"), "anogan": ("anogan", "val_auc"),
-        "fanogan": ("fanogan", "val_auc"),
-        "pix2pix_image": ("pix2pix_latent", "val_auc_pix2pix_image"),
-        "pix2pix_latent": ("pix2pix_latent", "val_auc"), "sparse_gan": ("sparse_gan", "val_auc")}
+# Table 1's six rows as (trained models as recorded, record field of its validation AUC):
+# pix2pix #1 is the image score of the pix2pix model that the checks train once.
+ROWS = {"autoencoder": (("autoencoder",), "val_auc"), "anogan": (("anogan",), "val_auc"),
+        "fanogan": (("fanogan",), "val_auc"),
+        "pix2pix_image": (("pix2pix", "pix2pix_latent"), "val_auc_pix2pix_image"),
+        "pix2pix_latent": (("pix2pix", "pix2pix_latent"), "val_auc"),
+        "sparse_gan": (("sparse_gan",), "val_auc")}
 
 
 def row_aucs(records: list[dict], label: str) -> dict[str, dict[int, float]]:
@@ -247,8 +253,8 @@ def row_aucs(records: list[dict], label: str) -> dict[str, dict[int, float]]:
     for r in records:
         if r.get("data", "real") != label or r["check"] != "baseline":
             continue
-        for row, (variant, field) in ROWS.items():
-            if r["variant"] == variant and field in r:
+        for row, (names, field) in ROWS.items():
+            if r["variant"] in names and field in r:
                 out.setdefault(row, {})[r["seed"]] = r[field]
     return out
 

@@ -13,59 +13,28 @@ Each process then:
   start, and takes every N-th index from its rank on. ``train.batch_size`` stays the **global**
   batch (the paper's 32 whatever N is), each rank takes ``batch_size / N`` of it, so the union of
   the ranks' step-k batches is exactly the single-process step-k batch;
-* trains every network of the detector wrapped in ``DistributedDataParallel``
-  (:func:`wrap_networks`; ``device_ids=[LOCAL_RANK]`` on CUDA, none on CPU): DDP's autograd hooks
-  all-reduce (average) the gradients bucket by bucket while the backward pass is still running,
-  so all replicas take the same optimizer step and stay identical;
+* averages the gradients over the ranks in the one update path of every detector
+  (:meth:`sparsegan.models.base.Detector.update`: zero_grad, backward,
+  :func:`average_gradients`, NaN guard, step), so all replicas take the same optimizer step and
+  stay identical;
 * logs, checkpoints and talks to MLflow on rank 0 only (:attr:`DistInfo.is_main`); losses are
   averaged over the ranks (:func:`mean_losses`) so that the logged epoch means are the global
-  ones and a NaN on any rank stops every rank at the same step.
+  ones; the loss of every step is averaged with the gradients, so a NaN on any rank stops every
+  rank at the same step, before that step.
 
-With one process none of this happens: no process group, no wrapper; :func:`unwrap` returns the
-network itself, so the code path and the random numbers are those of a plain single-process run.
+With one process none of this happens: no process group, no all-reduce, so the code path and the
+random numbers are those of a plain single-process run.
 
-**What is DDP and what is not.** Each network that an optimizer trains (Sparse-GAN's ``encoder``,
-``decoder``, ``discriminator`` and ``srn``; AnoGAN's ``generator`` and ``discriminator``;
-f-AnoGAN's ``generator``, ``critic`` and ``encoder``) replaces its attribute on the detector by its
-DDP wrapper, so ``self.encoder(x)`` in a ``train_step`` is DDP's forward. The detectors keep
-calling ``backward`` and ``step`` themselves, several times per ``train_step``; what DDP needs
-for that holds for every variant, and ``tests/test_ddp.py`` checks each point on 2 gloo ranks:
-
-* *Several forwards before one backward* (D on real and on fake images, the critic on real, fake
-  and interpolated images): every parameter's gradient is accumulated once per backward, so each
-  DDP hook fires once and the reduction is the one of the summed loss.
-* *A network used frozen* (D in the generator step, G and the critic in f-AnoGAN's encoder phase;
-  ``requires_grad`` off, :func:`~sparsegan.models.gan_parts.frozen`) is called **bare**
-  (:func:`unwrap`): it has nothing to reduce, so DDP is kept out of that forward altogether
-  rather than relying on none of its hooks firing (which is what happens, with torch 2.14, if
-  the wrapper is called). Samples that only feed the critic (f-AnoGAN's detached ``G(z)``) come
-  from the bare generator too: no gradient, nothing for DDP to do.
-* *Parameters used outside ``forward``*: the SRN's dictionary ``W_d`` (``srn.reconstruct``) and
-  attributes such as ``srn.l1`` or ``generator.sample_z`` are reached through the bare module.
-  DDP's hooks sit on the parameters' gradient accumulators, not on ``forward``, so ``W_d``'s
-  gradient is reduced with the SRN's others. Every wrapped parameter gets a gradient in each
-  backward of its network, so ``find_unused_parameters`` stays off (it would traverse the graph
-  after every forward).
-* *f-AnoGAN's gradient penalty*: ``torch.autograd.grad(create_graph=True)`` differentiates with
-  respect to the interpolated *images*, so it runs no parameter's gradient accumulator and no DDP
-  hook; the penalty is per sample, so each rank's input gradients are the single-process ones.
-  The critic loss's ordinary ``backward`` then reaches every parameter once, through the
-  double-backward graph too, and DDP reduces as usual (the pattern PyTorch's maintainers describe
-  in pytorch/pytorch#63812). What DDP does not support is differentiating through its reduction
-  or ``autograd.grad`` with respect to the parameters (pytorch/pytorch#63929), which no variant
-  does. So no network needs a hand-written gradient all-reduce: on 2 gloo ranks the DDP critic's
-  gradients equal per-rank backward passes averaged by hand (``tests/test_ddp.py``).
-
-Buffers are not broadcast at every forward (``broadcast_buffers=False``): the only buffers of
-the wrapped networks are batch-norm statistics (see below; f-AnoGAN's ``critic_steps`` belongs
-to the detector, not to a network, and every rank counts it alike). The wrappers would prefix
-every ``state_dict`` key with ``module.``; checkpoints and ``model.pt`` are written and read with
-the bare networks in place (:func:`unwrapped`), so their keys are exactly those of a
-single-process run (whether a checkpoint is resumed is still decided by the config hash, which
-includes ``train.nproc_per_node``). ``train.compile``
-compiles the bare networks before they are wrapped, so bare calls run compiled code as in one
-process (PyTorch's DDP-aware graph splitting, which needs the wrapper compiled instead, is not
-used).
+**Why not DistributedDataParallel.** The detectors take several optimizer steps per batch (D, then
+G; f-AnoGAN's critic with a gradient penalty, then G every n_critic steps), run networks frozen
+in another network's step, and use parameters outside ``forward`` (the SRN's dictionary). DDP
+wrappers around each network made every model file aware of them (the bare network for frozen
+calls and attributes, the wrapper for the trained forward). Averaging the gradients explicitly,
+once per optimizer step, reduces exactly what that step uses, whatever the model does in between,
+and leaves the networks bare: the state_dict keys are those of one process, nothing to unwrap.
+What it gives up is DDP's overlap of the all-reduce with the backward pass: one flat all-reduce
+per step instead, which matters only across many GPUs. ``tests/test_ddp.py`` checks on 2 gloo
+ranks that every model trains like gradients averaged by hand and that 2 processes equal one.
 
 **Batch norm.** On CUDA every ``BatchNorm`` becomes ``SyncBatchNorm`` (:func:`prepare_model`), so
 the statistics are those of the global batch, as on one GPU, and the running statistics stay
@@ -84,18 +53,16 @@ the same numbers as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 # Set by torchrun (torch.distributed.run) in every process it starts.
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -234,57 +201,26 @@ def _convert_sync_bn(model: nn.Module) -> nn.Module:
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
-def unwrap(module: nn.Module | None) -> nn.Module | None:
-    """The network inside a ``DistributedDataParallel`` wrapper (``module`` itself otherwise):
-    what the detectors call where DDP must stay out (frozen networks, methods other than
-    ``forward``, attributes)."""
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
-def wrap_networks(detector: nn.Module, device: torch.device, info: DistInfo) -> list[str]:
-    """Replace every child network of ``detector`` that has trainable parameters by its
-    ``DistributedDataParallel`` wrapper, in place (call after :func:`prepare_model`, and after
-    ``torch.compile`` if any). Returns the wrapped names; a no-op with one process.
-
-    No ``find_unused_parameters``: every wrapped parameter gets a gradient in each backward of its
-    network. No ``broadcast_buffers``: the buffers are batch-norm statistics, equal on all ranks
-    with SyncBatchNorm (CUDA) and per rank by design on CPU (see the module docstring)."""
+def average_gradients(params: Iterable[nn.Parameter], loss: torch.Tensor,
+                      info: DistInfo) -> float:
+    """Average the gradients of ``params`` (those that have one) and ``loss`` over the ranks,
+    in place, with one all-reduce of one flat buffer; returns the averaged loss. With one
+    process: ``float(loss)``, nothing else. The update path of every detector
+    (:meth:`sparsegan.models.base.Detector.update`) calls it between backward and step, so all
+    replicas take the same step; every rank runs the same code, so the same parameters have
+    gradients on every rank."""
     if not info.enabled:
-        return []
-    device_ids = [device.index] if device.type == "cuda" else None
-    wrapped = []
-    for name, module in list(detector.named_children()):
-        if isinstance(module, DistributedDataParallel):
-            continue
-        if not any(p.requires_grad for p in module.parameters()):
-            continue
-        setattr(detector, name, DistributedDataParallel(module, device_ids=device_ids,
-                                                        broadcast_buffers=False))
-        wrapped.append(name)
-    return wrapped
-
-
-def unwrap_networks(detector: nn.Module) -> dict[str, nn.Module]:
-    """Put the bare networks back in place of their DDP wrappers; returns the wrappers by name
-    (to restore with ``setattr``)."""
-    wrappers = {name: m for name, m in detector.named_children()
-                if isinstance(m, DistributedDataParallel)}
-    for name, wrapper in wrappers.items():
-        setattr(detector, name, wrapper.module)
-    return wrappers
-
-
-@contextlib.contextmanager
-def unwrapped(detector: nn.Module) -> Iterator[nn.Module]:
-    """``detector`` with its bare networks for a while, so that ``state_dict`` and
-    ``load_state_dict`` use the keys of a single-process run (no ``module.``); the DDP wrappers
-    (same parameters, same reducers) are put back after."""
-    wrappers = unwrap_networks(detector)
-    try:
-        yield detector
-    finally:
-        for name, wrapper in wrappers.items():
-            setattr(detector, name, wrapper)
+        return float(loss)
+    grads = [p.grad for p in params if p.grad is not None]
+    dtype = grads[0].dtype if grads else torch.float32
+    flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(dtype)])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat.div_(info.world_size)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return float(flat[-1])
 
 
 def mean_losses(losses: Mapping[str, float], info: DistInfo) -> dict[str, float]:

@@ -1,14 +1,14 @@
 """Figures of the evaluation (PNG, matplotlib's Agg renderer, no display needed).
 
-* :func:`roc_overlay`: the test ROC curves of all variants on one plot, AUC in the legend, each
-  variant's operating point at its validation phi marked.
+* :func:`roc_overlay`: the test ROC curves of all rows (one seed) on one plot, AUC in the legend, each
+  row's operating point at its validation phi marked.
 * :func:`score_histograms`: test scores of NORMAL vs each disease class, phi marked.
 * :func:`loss_curves`: per-epoch training losses (every ``loss_*`` key of ``history.json``), one
   small panel per loss, training phases (f-AnoGAN: ``gan`` then ``encoder``) shaded.
 * :func:`aam_gallery`: per class, input / reconstruction / difference / AAM overlay of the most and
   least anomalous test scans, plus a second PNG with the false negatives and false positives at
   phi (decision: ``score > phi``, eq. 5). Lesion mask contours (green) when masks exist.
-* :func:`make_figures`: all of them for a list of variants into one folder.
+* :func:`make_figures`: all of them for the rows of the report into one folder.
 
 Figures are drawn on :class:`matplotlib.figure.Figure` objects directly (no ``pyplot`` state), so
 the module never switches the process's backend and can run in any thread.
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,7 +35,7 @@ MASK_COLOR = "#39ff14"
 
 # File stem -> caption; html_report uses it to title the figures.
 FIGURE_CAPTIONS = {
-    "roc": "Test ROC curves of all variants (dot: the operating point at the validation phi)",
+    "roc": "Test ROC curves of all rows (dot: the operating point at the validation phi)",
     "scores": "Test score histograms, NORMAL vs each disease class, with phi",
     "losses": "Training losses per epoch",
     "gallery": "AAM gallery: most and least anomalous test scans of each class",
@@ -69,35 +69,54 @@ def _read_json(path: Path):
 # ----------------------------------------------------------------------------- ROC
 
 
-def roc_overlay(variants: Sequence[str], variants_dir: Path, out_png: Path,
+class RowFiles(NamedTuple):
+    """The files of one row's trained model of one seed that the figures read."""
+
+    seed: int
+    scores: Path  # scores/<model>/s<seed>/<score>/ (val.csv, test.csv, test_maps.npz)
+    calibration: Path  # reports/rows/<row>/calibration/s<seed>.json
+    history: Path  # models/<model>/s<seed>/history.json
+    roc: Path  # reports/rows/<row>/roc.csv (every seed, column ``seed``)
+    metrics: Path  # reports/rows/<row>/metrics.json (``seeds`` -> per-seed metrics)
+
+
+def _seed_metrics(files: RowFiles) -> dict:
+    """The metrics of ``files.seed`` from the row's metrics.json (a flat one as it is)."""
+    metrics = _read_json(files.metrics) or {}
+    return metrics.get("seeds", {}).get(str(files.seed), metrics)
+
+
+def roc_overlay(rows: dict[str, RowFiles], out_png: Path,
                 labels: dict[str, str] | None = None) -> Path:
-    """ROC curves of ``variants_dir/<v>/roc.csv`` (columns fpr, tpr) on one plot; the legend gives
-    each variant's test AUC (``metrics.json`` ``test_auc``, else the trapezoid of the curve).
-    ``labels``: optional display name per variant."""
-    variants_dir = Path(variants_dir)
+    """Test ROC curves of each row's seed ``files.seed`` (``roc.csv``, columns fpr, tpr[, seed])
+    on one plot; the legend gives the test AUC (``metrics.json``, else the trapezoid of the
+    curve). ``labels``: optional display name per row."""
     fig = Figure(figsize=(5.6, 5.0))
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--", label="chance")
-    colors = [f"C{i % 10}" for i in range(len(variants))]
-    for variant, color in zip(variants, colors):
-        roc_path = variants_dir / variant / "roc.csv"
-        if not roc_path.exists():
+    colors = [f"C{i % 10}" for i in range(len(rows))]
+    for (row, files), color in zip(rows.items(), colors):
+        if not Path(files.roc).exists():
             continue
-        roc = pd.read_csv(roc_path)
-        metrics = _read_json(variants_dir / variant / "metrics.json") or {}
+        roc = pd.read_csv(files.roc)
+        if "seed" in roc.columns:
+            roc = roc[roc["seed"] == files.seed]
+        metrics = _seed_metrics(files)
         auc = metrics.get("test_auc")
         if auc is None:
             auc = float(np.trapezoid(roc["tpr"], roc["fpr"]))
-        name = (labels or {}).get(variant, variant)
+        name = (labels or {}).get(row, row)
         ax.plot(roc["fpr"], roc["tpr"], color=color, lw=1.5, label=f"{name} (AUC {auc:.3f})")
         if "test_sensitivity" in metrics and "test_specificity" in metrics:
             ax.plot(1 - metrics["test_specificity"], metrics["test_sensitivity"], "o",
                     color=color, ms=5, mec="k", mew=0.5)
+    seeds = sorted({f.seed for f in rows.values()})
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="false positive rate (1 - specificity)",
-           ylabel="true positive rate (sensitivity)", title="Test ROC, disease vs normal")
+           ylabel="true positive rate (sensitivity)",
+           title=f"Test ROC, disease vs normal (seed {', '.join(map(str, seeds))})")
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     return _save(fig, out_png)
 
@@ -105,7 +124,7 @@ def roc_overlay(variants: Sequence[str], variants_dir: Path, out_png: Path,
 # ----------------------------------------------------------------------------- histograms
 
 
-def score_histograms(variant: str, scores_dir: Path, calibration: dict, out_png: Path) -> Path:
+def score_histograms(title: str, scores_dir: Path, calibration: dict, out_png: Path) -> Path:
     """One panel per disease class present in ``scores_dir/test.csv``: NORMAL vs that class's
     test scores on shared bins, phi (from the validation calibration) as a labelled line."""
     from sklearn.metrics import roc_auc_score
@@ -139,7 +158,7 @@ def score_histograms(variant: str, scores_dir: Path, calibration: dict, out_png:
         ax.legend(fontsize=7, loc="upper right")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test scans")
-    fig.suptitle(f"{variant}: test scores, phi from validation "
+    fig.suptitle(f"{title}: test scores, phi from validation "
                  f"({calibration.get('criterion', '?')})", fontsize=10)
     fig.tight_layout()
     return _save(fig, out_png)
@@ -148,7 +167,7 @@ def score_histograms(variant: str, scores_dir: Path, calibration: dict, out_png:
 # ----------------------------------------------------------------------------- losses
 
 
-def loss_curves(variant: str, history: list[dict], out_png: Path) -> Path:
+def loss_curves(title: str, history: list[dict], out_png: Path) -> Path:
     """One panel per ``loss_*`` key of the per-epoch ``history`` (rows with ``epoch``, optional
     ``phase``); a key is drawn only in the epochs that logged it, each phase shaded and named."""
     hist = pd.DataFrame(history)
@@ -190,7 +209,7 @@ def loss_curves(variant: str, history: list[dict], out_png: Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in axes[len(keys or [None]):]:
         ax.set_visible(False)
-    title = f"{variant}: training losses (mean per epoch)"
+    title = f"{title}: training losses (mean per epoch)"
     if multi_phase:
         title += "; phases: " + ", ".join(
             f"{ph} (epochs {a}-{b})" for ph, a, b in segments)
@@ -223,7 +242,7 @@ def _normalise(m: np.ndarray) -> np.ndarray:
 
 
 class _GalleryData:
-    """What a gallery row needs, read once per variant."""
+    """What a gallery row needs, read once per row."""
 
     def __init__(self, processed_dir: Path, scores_dir: Path, calibration: dict):
         self.images, _, self.masks = load_split(Path(processed_dir), "test")
@@ -332,13 +351,13 @@ def _class_rows(data: _GalleryData, cls: str, per_group: int) -> list[tuple[int,
     return most + least
 
 
-def aam_gallery(variant: str, processed_dir: Path, scores_dir: Path, calibration: dict,
+def aam_gallery(title: str, processed_dir: Path, scores_dir: Path, calibration: dict,
                 out_png: Path, per_group: int = 3) -> list[Path]:
     """Two PNGs: ``out_png``, per class (CNV, DME, DRUSEN, NORMAL) the ``per_group`` most and
     least anomalous test scans, and ``<out_png stem>_errors.png``, up to ``2 * per_group`` false
     negatives (lowest scores first) and false positives (highest first) at phi. Each row: input
     (lesion contour in green when masks exist), reconstruction, |difference| (one colour scale for
-    the variant), and the AAM (or, without one, the normalised difference) over the input. The row
+    the row), and the AAM (or, without one, the normalised difference) over the input. The row
     label shows the score and the decision at phi, green when right and red when wrong."""
     out_png = Path(out_png)
     data = _GalleryData(processed_dir, scores_dir, calibration)
@@ -349,7 +368,7 @@ def aam_gallery(variant: str, processed_dir: Path, scores_dir: Path, calibration
     nrows = -(-len(blocks) // ncols)
     bw, bh = _block_size(slots)
     fig, body = _titled(ncols * bw, nrows * bh,
-                        f"{variant}: most / least anomalous test scans per class "
+                        f"{title}: most / least anomalous test scans per class "
                         f"(phi = {data.phi:.4g}; green contour: lesion mask)")
     subfigs = np.atleast_1d(body.subfigures(nrows, ncols, squeeze=False)).ravel()
     for sf, (cls, rows) in zip(subfigs, blocks):
@@ -369,7 +388,7 @@ def aam_gallery(variant: str, processed_dir: Path, scores_dir: Path, calibration
     n_fp = int(((labels == 0) & (scores > data.phi)).sum())
     slots = max(len(fn), len(fp), 1)
     bw, bh = _block_size(slots)
-    fig, body = _titled(2 * bw, bh, f"{variant}: errors at phi = {data.phi:.4g} "
+    fig, body = _titled(2 * bw, bh, f"{title}: errors at phi = {data.phi:.4g} "
                                     "(decision: score > phi)")
     sf_fn, sf_fp = body.subfigures(1, 2)
     _block(sf_fn, data, [(int(i), f"FN {classes_col[i]}") for i in fn],
@@ -383,31 +402,29 @@ def aam_gallery(variant: str, processed_dir: Path, scores_dir: Path, calibration
 # ----------------------------------------------------------------------------- all
 
 
-def make_figures(variants: Sequence[str], processed_dir: Path, scores_root: Path,
-                 variants_dir: Path, models_root: Path, out_dir: Path,
+def make_figures(rows: dict[str, RowFiles], processed_dir: Path, out_dir: Path,
                  per_group: int = 3) -> dict[str, list[Path]]:
-    """Every figure into ``out_dir``: ``roc.png`` (key ``"overview"``), and per variant (key = the
-    variant) ``<v>/scores.png``, ``<v>/losses.png`` (when ``models_root/<v>/history.json``
-    exists), ``<v>/gallery.png`` and ``<v>/gallery_errors.png``. A variant without its
-    ``calibration.json`` or scores gets only the figures its files allow."""
-    processed_dir, scores_root = Path(processed_dir), Path(scores_root)
-    variants_dir, models_root, out_dir = Path(variants_dir), Path(models_root), Path(out_dir)
+    """Every figure into ``out_dir``: ``roc.png`` (key ``"overview"``), and per row (key = the
+    row) ``<row>/scores.png``, ``<row>/losses.png`` (when its model's ``history.json`` exists),
+    ``<row>/gallery.png`` and ``<row>/gallery_errors.png``, each of the seed ``files.seed``. A
+    row without its calibration or scores gets only the figures its files allow."""
+    processed_dir, out_dir = Path(processed_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures: dict[str, list[Path]] = {
-        "overview": [roc_overlay(variants, variants_dir, out_dir / "roc.png")]}
-    for variant in variants:
+    figures: dict[str, list[Path]] = {"overview": [roc_overlay(rows, out_dir / "roc.png")]}
+    for row, files in rows.items():
         made: list[Path] = []
-        calibration = _read_json(variants_dir / variant / "calibration.json")
-        scores_dir = scores_root / variant
+        calibration = _read_json(files.calibration)
+        scores_dir = Path(files.scores)
         has_scores = (scores_dir / "test.csv").exists()
+        title = f"{row} (seed {files.seed})"
         if calibration is not None and has_scores:
-            made.append(score_histograms(variant, scores_dir, calibration,
-                                         out_dir / variant / "scores.png"))
-        history = _read_json(models_root / variant / "history.json")
+            made.append(score_histograms(title, scores_dir, calibration,
+                                         out_dir / row / "scores.png"))
+        history = _read_json(files.history)
         if history:
-            made.append(loss_curves(variant, history, out_dir / variant / "losses.png"))
+            made.append(loss_curves(title, history, out_dir / row / "losses.png"))
         if calibration is not None and has_scores:
-            made.extend(aam_gallery(variant, processed_dir, scores_dir, calibration,
-                                    out_dir / variant / "gallery.png", per_group=per_group))
-        figures[variant] = made
+            made.extend(aam_gallery(title, processed_dir, scores_dir, calibration,
+                                    out_dir / row / "gallery.png", per_group=per_group))
+        figures[row] = made
     return figures

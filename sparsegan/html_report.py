@@ -4,14 +4,14 @@ The page needs nothing but itself: figures are embedded as base64 ``data:`` URIs
 inline, there is no script and no external URL, so it can be mailed, archived as an MLflow
 artifact, or opened from a USB stick. Contents:
 
-1. Table 1 (``<table id="table1">``): per variant our validation AUC, test AUC, accuracy and
+1. Table 1 (``<table id="table1">``): per row (model, score) our validation AUC, test AUC, accuracy and
    sensitivity (with 95% bootstrap intervals when the metrics carry ``test_<m>_ci_low`` /
    ``test_<m>_ci_high``) beside the paper's numbers (Zhou et al., ISBI 2020, OCT2017).
 2. More metrics (``<table id="details">``): specificity, F1, average precision, per-class AUCs,
    pixel AUROC of each anomaly map against the lesion masks, phi and its criterion.
-3. The figures of :mod:`sparsegan.figures`, with headings, then each variant's full metrics.
+3. The figures of :mod:`sparsegan.figures`, with headings, then each row's full metrics.
 
-Every table row of a variant carries ``data-variant="<variant>"``.
+Every table row of a Table-1 row carries ``data-row="<row>"``.
 """
 
 from __future__ import annotations
@@ -78,15 +78,15 @@ def _table1(metrics: Mapping[str, Mapping], paper_table: Mapping[str, Sequence])
                    for _, label, _ in TABLE1_METRICS)
     out = ['<table id="table1">', f'<thead><tr><th class="name">method</th>{head}</tr></thead>',
            "<tbody>"]
-    for variant, m in metrics.items():
-        paper = paper_table.get(variant)
-        name = paper[0] if paper else variant
+    for row, m in metrics.items():
+        paper = paper_table.get(row)
+        name = paper[0] if paper else row
         cells = []
         for key, _, pi in TABLE1_METRICS:
             cells.append(f"<td>{_cell(m, key)}</td>")
             cells.append(f'<td class="paper">{_fmt(paper[pi]) if paper else _fmt(None)}</td>')
-        out.append(f'<tr data-variant="{html.escape(variant)}"><td class="name">'
-                   f'{html.escape(name)}<br><span class="ci">{html.escape(variant)}</span></td>'
+        out.append(f'<tr data-row="{html.escape(row)}"><td class="name">'
+                   f'{html.escape(name)}<br><span class="ci">{html.escape(row)}</span></td>'
                    + "".join(cells) + "</tr>")
     out += ["</tbody></table>",
             '<p class="note">Ours: test metrics at the phi chosen on validation only; '
@@ -108,12 +108,12 @@ def _details(metrics: Mapping[str, Mapping]) -> list[str]:
     cols += [(f"test_auc_{c}", f"AUC {c}") for c in classes]
     cols += [(k, "pixel AUROC " + k.removeprefix("pixel_auroc_")) for k in pixel]
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in cols)
-    out = ['<table id="details">', f'<thead><tr><th class="name">variant</th>{head}'
+    out = ['<table id="details">', f'<thead><tr><th class="name">row</th>{head}'
            "<th>phi</th><th>criterion</th><th>test images/s</th></tr></thead>", "<tbody>"]
-    for variant, m in metrics.items():
+    for row, m in metrics.items():
         cells = "".join(f"<td>{_cell(m, k)}</td>" for k, _ in cols)
-        out.append(f'<tr data-variant="{html.escape(variant)}"><td class="name">'
-                   f"{html.escape(variant)}</td>{cells}<td>{_fmt(m.get('phi'), 4)}</td>"
+        out.append(f'<tr data-row="{html.escape(row)}"><td class="name">'
+                   f"{html.escape(row)}</td>{cells}<td>{_fmt(m.get('phi'), 4)}</td>"
                    f"<td>{html.escape(str(m.get('criterion', '')))}</td>"
                    f"<td>{_fmt(m.get('test_images_per_s'), 1)}</td></tr>")
     out += ["</tbody></table>",
@@ -134,9 +134,9 @@ def write_index(metrics: Mapping[str, Mapping], figures: Mapping[str, Sequence[P
                 out_html: Path, paper_table: Mapping[str, Sequence],
                 provenance: Mapping[str, object] | None = None,
                 title: str = "Sparse-GAN for retinal OCT: results") -> Path:
-    """Write the page. ``metrics``: variant -> its ``metrics.json``; ``figures``: as returned by
-    :func:`sparsegan.figures.make_figures` (key ``"overview"`` first, then one key per variant);
-    ``paper_table``: variant -> (name, val AUC, test AUC, Acc, Sen), e.g.
+    """Write the page. ``metrics``: row -> its ``metrics.json``; ``figures``: as returned by
+    :func:`sparsegan.figures.make_figures` (key ``"overview"`` first, then one key per row);
+    ``paper_table``: row -> (name, val AUC, test AUC, Acc, Sen), e.g.
     ``sparsegan.evaluate.PAPER_TABLE1``; ``provenance``: optional facts for the header line
     (params hash, seed, git commit, ...)."""
     out_html = Path(out_html)
@@ -165,8 +165,8 @@ def write_index(metrics: Mapping[str, Mapping], figures: Mapping[str, Sequence[P
         parts.append(f'<h2 id="v-{html.escape(key)}">{html.escape(key)}</h2>')
         parts += [_figure(p) for p in figures[key]]
     parts.append("<h2>All metrics</h2>")
-    for variant, m in metrics.items():
-        parts.append(f"<details><summary>{html.escape(variant)}</summary><pre>"
+    for row, m in metrics.items():
+        parts.append(f"<details><summary>{html.escape(row)}</summary><pre>"
                      f"{html.escape(json.dumps(m, indent=1, default=str))}</pre></details>")
     parts.append("</body></html>")
     out_html.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-from .params import Params
+from .params import Params, check_row
 
 
 def candidate_thresholds(scores: np.ndarray) -> np.ndarray:
@@ -92,7 +92,7 @@ def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
     return float(roc_auc_score(truth, maps.reshape(-1)))
 
 
-# Anomaly maps a variant may give (sparsegan.models): the paper's AAM (eq. 8), the residual
+# Anomaly maps a score may give (sparsegan.scoring): the paper's AAM (eq. 8), the residual
 # activation map (ours) and |I_in - I_re|. Calibration shows the one that localises best.
 MAP_NAMES = ("aam_residual", "aam", "difference")
 
@@ -149,33 +149,49 @@ def calibrate_patients(patients, labels, scores, criterion: str, target_sensitiv
             "n_patients": int(len(y)), "validation": detection_metrics(y, s, phi)}
 
 
-def calibrate_variant(params: Params, scores_dir: Path, out_path: Path) -> dict:
-    """Stage calibrate@<variant>: phi from ``scores_dir/val.csv`` only (eq. 5), with the
-    validation operating point, to ``out_path``; the patient-level rule
-    (:func:`calibrate_patients`) under ``"patient"`` when the scans have patients; the map shown
-    to readers (:func:`choose_map`, best validation pixel AUROC) under ``"map"`` when validation
-    has lesion masks."""
+def calibrate_scores(params: Params, scores_dir: Path) -> dict:
+    """phi from ``scores_dir/val.csv`` only (eq. 5), with the validation operating point; the
+    patient-level rule (:func:`calibrate_patients`) under ``"patient"`` when the scans have
+    patients; the map shown to readers (:func:`choose_map`, best validation pixel AUROC) under
+    ``"map"`` when validation has lesion masks."""
     import pandas as pd
 
     val = pd.read_csv(scores_dir / "val.csv", dtype={"patient": str}, keep_default_na=False)
     c = params.calibrate
-    phi = calibrate_phi(val["label"].to_numpy(), val["score"].to_numpy(), c.criterion,
-                        c.target_sensitivity)
+    labels, scores = val["label"].to_numpy(), val["score"].to_numpy()
+    phi = calibrate_phi(labels, scores, c.criterion, c.target_sensitivity)
     result = {"phi": phi, "criterion": c.criterion,
-              "validation": detection_metrics(val["label"].to_numpy(), val["score"].to_numpy(), phi)}
+              "validation": detection_metrics(labels, scores, phi)}
     if c.criterion == "sensitivity":
         result["target_sensitivity"] = c.target_sensitivity
-    localisation = scores_dir / "val_localisation.json"
-    if localisation.exists():
-        shown = choose_map(json.loads(localisation.read_text()))
+    localisation_file = scores_dir / "val_localisation.json"
+    if localisation_file.exists():
+        localisation = json.loads(localisation_file.read_text())
+        shown = choose_map(localisation)
         if shown is not None:
             result["map"] = shown
-            result["val_pixel_auroc"] = json.loads(localisation.read_text())
+            result["val_pixel_auroc"] = localisation
     if "patient" in val.columns:
-        patient = calibrate_patients(val["patient"].to_numpy(), val["label"].to_numpy(),
-                                     val["score"].to_numpy(), c.criterion, c.target_sensitivity)
+        patient = calibrate_patients(val["patient"].to_numpy(), labels, scores, c.criterion,
+                                     c.target_sensitivity)
         if patient is not None:
             result["patient"] = patient
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def calibrate_row(row: str, params: Params, scores_root: Path, out_dir: Path) -> dict[int, dict]:
+    """Stage calibrate@<row>: for every seed, :func:`calibrate_scores` of the row's scores
+    ``scores_root/<model>/s<seed>/<score>/`` into ``out_dir/s<seed>.json``, which also names the
+    row, model, score, seed and the scoring knobs used (what ``sparsegan predict`` needs)."""
+    import dataclasses
+
+    model, score = check_row(row, params)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for seed in params.seeds:
+        result = {"row": row, "model": model, "score": score, "seed": seed,
+                  "score_params": dataclasses.asdict(params.score),
+                  **calibrate_scores(params, scores_root / model / f"s{seed}" / score)}
+        (out_dir / f"s{seed}.json").write_text(json.dumps(result, indent=1))
+        results[seed] = result
+    return results

@@ -19,20 +19,38 @@ import yaml
 
 CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
 DISEASES = ("CNV", "DME", "DRUSEN")
-VARIANTS = ("autoencoder", "anogan", "fanogan", "pix2pix_image", "pix2pix_latent", "sparse_gan")
+MODELS = ("autoencoder", "pix2pix", "sparse_gan", "anogan", "fanogan")
+# The anomaly scores each trained model gives (sparsegan.scoring computes them all in one pass):
+# reconstruction models the image-level (MSE) and the latent (eq. 4) score, AnoGAN its latent
+# search, f-AnoGAN its izif score.
+MODEL_SCORES = {"autoencoder": ("image", "latent"), "pix2pix": ("image", "latent"),
+                "sparse_gan": ("image", "latent"), "anogan": ("search",), "fanogan": ("izif",)}
+# Table 1's rows as (trained model, score), and the ablations: every reconstruction model scored
+# at its other level too. ``rows`` in params.yaml selects among these.
+DEFAULT_ROWS = {
+    "autoencoder": ("autoencoder", "image"),
+    "anogan": ("anogan", "search"),
+    "fanogan": ("fanogan", "izif"),
+    "pix2pix_image": ("pix2pix", "image"),
+    "pix2pix_latent": ("pix2pix", "latent"),
+    "sparse_gan": ("sparse_gan", "latent"),
+    "autoencoder_latent": ("autoencoder", "latent"),
+    "sparse_gan_image": ("sparse_gan", "image"),
+}
+TABLE1_ROWS = ("autoencoder", "anogan", "fanogan", "pix2pix_image", "pix2pix_latent", "sparse_gan")
 
-# The params each variant's training reads beyond the ones all variants share (dvc.yaml lists
-# those): DVC cannot interpolate a list into a stage's `params`, so every variant names exactly
-# READ_SLOTS keys (a repeated key is harmless). This is what makes `-S train.lambda_sp=50`
-# re-run sparse_gan only.
-READ_SLOTS = 3
-DEFAULT_READS = {
-    "autoencoder": ("train.lambda_re",) * 3,
-    "anogan": ("anogan",) * 3,
-    "fanogan": ("fanogan",) * 3,
-    "pix2pix_image": ("train.lambda_adv",) * 3,
-    "pix2pix_latent": ("train.lambda_adv",) * 3,
-    "sparse_gan": ("train.lambda_adv", "train.lambda_sp", "srn"),
+# The params each model's training reads (dvc.yaml's train_<model> stages list exactly these,
+# tests/test_stage_deps.py checks it): so `-S train.lambda_sp=50` re-trains sparse_gan only.
+_SHARED_TRAIN = ("model.base_channels", "model.norm", "train.batch_size", "train.device",
+                 "train.num_threads", "train.compile", "train.nproc_per_node")
+_GENERATOR_TRAIN = ("train.epochs", "train.lr", "train.lr_decay", "train.beta1",
+                    "train.lambda_re")
+TRAIN_READS = {
+    "autoencoder": _SHARED_TRAIN + _GENERATOR_TRAIN,
+    "pix2pix": _SHARED_TRAIN + _GENERATOR_TRAIN + ("train.lambda_adv",),
+    "sparse_gan": _SHARED_TRAIN + _GENERATOR_TRAIN + ("train.lambda_adv", "train.lambda_sp", "srn"),
+    "anogan": _SHARED_TRAIN + ("anogan",),
+    "fanogan": _SHARED_TRAIN + ("fanogan",),
 }
 
 
@@ -210,11 +228,18 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class AnoganParams:
-    """AnoGAN (Schlegl et al. 2017): DCGAN, then a gradient search over z per test image."""
+    """AnoGAN's training (Schlegl et al. 2017): a DCGAN on normal scans; its search is in
+    :class:`AnoganSearchParams` (``score.anogan``), so that a search change re-scores only."""
 
     latent_dim: int = _check(ge=1, default=64)
     epochs: int = _check(ge=1, default=30)
     lr: float = _check(gt=0.0, default=0.0002)
+
+
+@dataclass(frozen=True)
+class AnoganSearchParams:
+    """AnoGAN's scoring: a gradient search over z per test image (sparsegan/scoring.py)."""
+
     search_steps: int = _check(ge=1, default=50)
     search_lr: float = _check(gt=0.0, default=0.05)
     # z_1 of the search, the same for every image so that a score depends neither on the call nor
@@ -222,6 +247,13 @@ class AnoganParams:
     # paper's random start) or "zeros" (the prior's mean)
     search_init: str = _check(choices=("sample", "zeros"), default="sample")
     weight: float = _check(ge=0.0, le=1.0, default=0.1)  # l: (1-l) residual + l discrimination
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    """Knobs read only when a trained model scores scans (never by training)."""
+
+    anogan: AnoganSearchParams = field(default_factory=AnoganSearchParams)
 
 
 @dataclass(frozen=True)
@@ -248,10 +280,45 @@ class CalibrateParams:
     target_sensitivity: float = _check(gt=0.0, le=1.0, default=0.95)  # criterion=sensitivity
 
 
+def _seeds(value: Any, key: str) -> tuple[int, ...]:
+    """A non-empty list of distinct whole numbers (one trained model per seed)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise ParamError(f"params.yaml: {key} = {value!r}: must be a non-empty list of whole "
+                         f"numbers >= 0, e.g. [0] or [0, 1, 2]")
+    if len(set(value)) != len(value):
+        raise ParamError(f"params.yaml: {key} = {value!r}: a seed is listed twice")
+    return tuple(value)
+
+
+def _rows(value: Any, key: str) -> dict[str, tuple[str, str]]:
+    """``{row: [model, score]}``, each model one of :data:`MODELS` and each score one it gives."""
+    if not isinstance(value, dict) or not value:
+        raise ParamError(f"params.yaml: {key} must be a mapping row -> [model, score], e.g. "
+                         f"sparse_gan: [sparse_gan, latent]")
+    rows = {}
+    for row, pair in value.items():
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
+            raise ParamError(f"params.yaml: {key}.{row} = {pair!r}: must be [model, score], e.g. "
+                             f"[sparse_gan, latent]")
+        model, score = pair
+        if model not in MODELS:
+            raise ParamError(f"params.yaml: {key}.{row}: model {model!r} is not one of "
+                             f"{', '.join(MODELS)}")
+        if score not in MODEL_SCORES[model]:
+            raise ParamError(f"params.yaml: {key}.{row}: {model} gives the scores "
+                             f"{', '.join(MODEL_SCORES[model])}, not {score!r}")
+        rows[str(row)] = (model, score)
+    return rows
+
+
 @dataclass(frozen=True)
 class Params:
-    seed: int = 0
-    variants: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_READS))
+    seeds: tuple[int, ...] = _check(parse=_seeds, default=(0,))
+    rows: dict[str, tuple[str, str]] = _check(parse=_rows,
+                                              default_factory=lambda: dict(DEFAULT_ROWS))
     data: DataParams = field(default_factory=DataParams)
     preprocess: PreprocessParams = field(default_factory=PreprocessParams)
     model: ModelParams = field(default_factory=ModelParams)
@@ -259,47 +326,38 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     anogan: AnoganParams = field(default_factory=AnoganParams)
     fanogan: FanoganParams = field(default_factory=FanoganParams)
+    score: ScoreParams = field(default_factory=ScoreParams)
     calibrate: CalibrateParams = field(default_factory=CalibrateParams)
 
     def __post_init__(self) -> None:
-        known = set(flatten_keys(self))
-        for v, reads in self.variants.items():
-            if v not in VARIANTS:
-                raise ParamError(f"params.yaml: variants.{v} is not a variant: allowed "
-                                 f"{', '.join(VARIANTS)}")
-            if len(reads) != READ_SLOTS:
-                raise ParamError(f"params.yaml: variants.{v} must list exactly {READ_SLOTS} param "
-                                 f"keys (repeat one to fill a slot), got {len(reads)}")
-            for key in reads:
-                if key not in known:
-                    raise ParamError(f"params.yaml: variants.{v} names {key!r}, which is not a "
-                                     f"param (e.g. train.lambda_sp, srn, anogan)")
         if self.data.source == "folder" and not self.data.folder:
             raise ParamError("params.yaml: data.folder is empty: set it to your OCT2017 copy "
                              "when data.source is 'folder'")
 
 
-# Knobs read only when a trained model scores images: scoring uses their current values, every
-# other param of a trained model comes from its model.pt (sparsegan.train.load_trained).
-SCORING_KNOBS: dict[str, tuple[str, ...]] = {
-    "anogan": ("search_steps", "search_lr", "search_init", "weight"),
-}
+def check_model(model: str) -> str:
+    """``model`` (a stage's argument) if it is one of :data:`MODELS`, else ParamError."""
+    if model not in MODELS:
+        raise ParamError(f"unknown model {model!r}: allowed {', '.join(MODELS)}")
+    return model
 
 
-def with_scoring(trained: Params, current: Params) -> Params:
-    """``trained`` with the :data:`SCORING_KNOBS` of ``current``."""
-    for section, keys in SCORING_KNOBS.items():
-        cur = getattr(current, section)
-        new = dataclasses.replace(getattr(trained, section), **{k: getattr(cur, k) for k in keys})
-        trained = dataclasses.replace(trained, **{section: new})
-    return trained
+def check_row(row: str, params: Params) -> tuple[str, str]:
+    """(model, score) of ``row`` (a stage's argument), else ParamError naming the rows."""
+    if row not in params.rows:
+        raise ParamError(f"unknown row {row!r}: params.yaml's rows are {', '.join(params.rows)}")
+    return params.rows[row]
 
 
-def check_variant(variant: str) -> str:
-    """``variant`` (a stage's argument) if it is one of :data:`VARIANTS`, else ParamError."""
-    if variant not in VARIANTS:
-        raise ParamError(f"unknown variant {variant!r}: allowed {', '.join(VARIANTS)}")
-    return variant
+def check_seed(seed: str | int) -> int:
+    """A stage's seed argument as an int (ParamError if it is not a whole number)."""
+    try:
+        value = int(seed)
+    except (TypeError, ValueError):
+        raise ParamError(f"seed {seed!r}: must be a whole number (one of params.yaml's seeds)") from None
+    if value < 0:
+        raise ParamError(f"seed {seed!r}: must be >= 0")
+    return value
 
 
 def _parse(cls: type, raw: Any, prefix: str) -> Any:

@@ -1,13 +1,14 @@
-"""``sparsegan predict``: screen new OCT B-scans with a trained, calibrated variant.
+"""``sparsegan predict``: screen new OCT B-scans with a trained, calibrated row of the report.
 
 Usage (from the repository root, after ``dvc repro``)::
 
-    sparsegan predict --variant sparse_gan --out preds/ scans/ more/scan.png
-    python -m sparsegan.predict predict --variant sparse_gan --out preds/ scans/
+    sparsegan predict --row sparse_gan --out preds/ scans/ more/scan.png
+    python -m sparsegan.predict predict --row sparse_gan --seed 1 --out preds/ scans/
 
-Options: ``--models models`` (reads ``<models>/<variant>/model.pt``), ``--calibration
-reports/variants`` (reads ``<calibration>/<variant>/calibration.json``, the phi chosen on the
-validation set), ``--model-uri`` (instead of both: a registered screening model, e.g.
+Options: ``--seed`` (the training seed; default: the lowest one calibrated), ``--calibration
+reports/rows`` (reads ``<calibration>/<row>/calibration/s<seed>.json``: the phi chosen on the
+validation set, the trained model and score of the row), ``--models models`` (reads
+``<models>/<model>/s<seed>/model.pt``), ``--model-uri`` (instead of both: a registered screening model, e.g.
 ``models:/sparse-gan-oct-sparse_gan@champion``, see :mod:`sparsegan.serving`), ``--batch-size`` (default: the model's ``train.batch_size``), ``--device``
 (default: auto), ``--alpha`` (heatmap opacity, 0.45). No params.yaml is read: ``model.pt``
 describes itself (architecture, image size, the preprocessing it was trained on).
@@ -25,12 +26,12 @@ ratio, white registration corners filled when the model was trained with
 Writes into ``--out``:
 
 ``predictions.csv``  one row per scored image: ``file`` (as found), ``frame`` (DICOM frames;
-                     empty for image files), ``patient`` (see below), ``score`` (the variant's
+                     empty for image files), ``patient`` (see below), ``score`` (the row's
                      anomaly score), ``phi``, ``decision`` (``disease`` when ``score > phi``, else
                      ``normal``, eq. 5) and ``overlay`` (the PNG's path inside ``--out``)
 ``overlays/...``     per image, the anomaly map (``--map``; default: the one with the best pixel
-                     AUROC on the validation lesion masks, ``calibration.json``'s ``map``, else
-                     the residual activation map for latent variants, else ``|I_in - I_re|``;
+                     AUROC on the validation lesion masks, the calibration's ``map``, else
+                     the residual activation map of the latent score, else ``|I_in - I_re|``;
                      the paper's AAM with ``--map aam``) min-max normalised,
                      upsampled to the scan's own resolution, coloured with matplotlib's ``jet``
                      and blended over the scan, with the decision, score and phi written on it:
@@ -41,7 +42,7 @@ Writes into ``--out``:
 ``patients.csv``     one row per patient or volume: ``patient, scans, score, aggregation, phi,
                      decision``, the patient score being the aggregation (max, mean, top-3 mean)
                      of its scans' scores chosen on validation patients, with its own phi
-                     (``calibration.json``'s ``patient`` rule). A scan's patient is the one of its
+                     (the calibration's ``patient`` rule). A scan's patient is the one of its
                      OCT2017 name (``<CLASS>-<patient>-<n>``), else its DICOM series (a volume),
                      else its sub-folder inside a folder input (a folder per patient), else the
                      file itself.
@@ -51,8 +52,8 @@ unreadable, not an image, truncated, too small, ...) is reported on stderr as ``
 <reason>`` and the others are still processed.
 
 Exit status: 0 when every input was scored, 1 when any failed (or none was found), 2 for a usage
-error (unknown variant, missing, old or damaged model, missing calibration), with one
-line naming what to run, e.g. ``dvc repro train@sparse_gan``.
+error (unknown row, missing, old or damaged model, missing calibration), with one
+line naming what to run, e.g. ``dvc repro train_sparse_gan``.
 """
 
 from __future__ import annotations
@@ -88,16 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsegan",
                                      description="Sparse-GAN OCT anomaly detection tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("predict", help="score image files or folders with a trained variant",
-                       description="Score OCT B-scans with a trained, calibrated variant; write "
-                                   "predictions.csv and an anomaly-map overlay per image.")
-    p.add_argument("--variant", help="e.g. sparse_gan (required without --model-uri)")
+    p = sub.add_parser("predict", help="score image files or folders with a trained row",
+                       description="Score OCT B-scans with a trained, calibrated row of the "
+                                   "report; write predictions.csv and an anomaly-map overlay "
+                                   "per image.")
+    p.add_argument("--row", "--variant", dest="row",
+                   help="a row of params.yaml's rows, e.g. sparse_gan (required without "
+                        "--model-uri)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="the training seed (default: the lowest calibrated one)")
     p.add_argument("--model-uri", help="an MLflow screening model instead of --models and "
                                        "--calibration, e.g. models:/sparse-gan-oct-sparse_gan@champion")
     p.add_argument("--models", type=Path, default=Path("models"),
-                   help="folder holding <variant>/model.pt (default: models)")
-    p.add_argument("--calibration", type=Path, default=Path("reports/variants"),
-                   help="folder holding <variant>/calibration.json (default: reports/variants)")
+                   help="folder holding <model>/s<seed>/model.pt (default: models)")
+    p.add_argument("--calibration", type=Path, default=Path("reports/rows"),
+                   help="folder holding <row>/calibration/s<seed>.json (default: reports/rows)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per scoring batch (default: the model's train.batch_size)")
@@ -106,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.45, help="heatmap opacity (default: 0.45)")
     p.add_argument("--map", choices=("auto", "aam_residual", "aam", "difference"), default="auto",
                    help="the map drawn: auto = the one that localised best on the validation "
-                        "lesion masks (calibration.json), else the residual activation map for "
-                        "latent variants, else the difference map |I_in - I_re|")
+                        "lesion masks (the calibration), else the residual activation map of the "
+                        "latent score, else the difference map |I_in - I_re|")
     p.add_argument("--side-by-side", action="store_true",
                    help="put the plain scan left of the overlay (the PNG is twice as wide)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
@@ -221,48 +227,64 @@ def render_overlay(scan: np.ndarray, heat: np.ndarray, score: float, phi: float,
     return np.asarray(img)
 
 
-def load_model(variant: str, models_dir: Path, device):
-    """The trained model of ``models_dir/<variant>/model.pt`` (:func:`sparsegan.train.load_trained`)."""
+def _model(folder: Path, model: str, device):
+    """:func:`sparsegan.train.load_trained`, its errors as one-line usage errors."""
     from .train import CheckpointError, load_trained
 
     try:
-        return load_trained(models_dir / variant, device, variant=variant)
+        return load_trained(folder, device, model=model)
     except CheckpointError as exc:
         raise UsageError(f"{exc} (or pass --models)" if "no trained model" in str(exc)
                          else str(exc)) from None
 
 
-def load_model_uri(uri: str, variant: str | None, device):
-    """``(trained model, phi, patient rule, map shown, where from)`` of an MLflow screening
-    model."""
+def load_model_uri(uri: str, device):
+    """``(trained model, screening config)`` of an MLflow screening model."""
     from .serving import resolve_model_uri
-    from .train import CheckpointError, load_trained
 
     try:
         folder, config = resolve_model_uri(uri)
-        model = load_trained(folder, device, variant=variant or config["variant"])
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - MLflow's errors for a bad URI vary; one line
         raise UsageError(f"--model-uri {uri}: {' '.join(str(exc).split())[:200]}") from None
-    return model, float(config["phi"]), config.get("patient"), config.get("map"), uri
+    return _model(folder, config["model"], device), config
 
 
-def load_calibration(variant: str, calibration_dir: Path) -> tuple[float, dict | None, str | None]:
-    """``(phi, the patient rule or None, the map chosen on validation or None)`` of
-    ``<calibration_dir>/<variant>/calibration.json``."""
-    path = calibration_dir / variant / "calibration.json"
-    if not path.is_file():
-        raise UsageError(f"{path}: no calibrated phi; run `dvc repro calibrate@{variant}` "
+def load_calibration(row: str, seed: int | None, calibration_dir: Path) -> tuple[dict, Path]:
+    """One seed's calibration of ``row`` (``<calibration_dir>/<row>/calibration/s<seed>.json``;
+    ``seed`` None: the lowest seed there) and its path: phi, the patient rule, the map chosen on
+    validation, the trained model, score and scoring knobs of the row."""
+    folder = calibration_dir / row / "calibration"
+    if not (calibration_dir / row).is_dir():
+        known = sorted(p.parent.name for p in Path(calibration_dir).glob("*/calibration"))
+        if not known:
+            raise UsageError(f"{calibration_dir}: no calibrated row; run `dvc repro "
+                             f"calibrate@{row}` (or pass --calibration)")
+        raise UsageError(f"unknown row {row!r}: {calibration_dir} holds {', '.join(known)} "
                          f"(or pass --calibration)")
+    if seed is None:
+        found = sorted(folder.glob("s*.json"), key=lambda p: int(p.stem[1:])
+                       if p.stem[1:].isdigit() else 1 << 30)
+        if not found:
+            raise UsageError(f"{folder}: no calibrated seed of row {row!r}; run `dvc repro "
+                             f"calibrate@{row}` (or pass --calibration)")
+        path = found[0]
+    else:
+        path = folder / f"s{seed}.json"
+    if not path.is_file():
+        raise UsageError(f"{path}: no calibrated phi; run `dvc repro calibrate@{row}` with "
+                         f"this seed in params.yaml's seeds (or pass --calibration)")
     try:
         saved = json.loads(path.read_text())
+        for key in ("model", "score", "seed", "score_params"):
+            saved[key]  # noqa: B018 - present, or KeyError below
         rule = saved.get("patient")
         if rule is not None:
-            rule = {"aggregation": str(rule["aggregation"]), "phi": float(rule["phi"])}
-        return float(saved["phi"]), rule, saved.get("map")
+            saved["patient"] = {"aggregation": str(rule["aggregation"]), "phi": float(rule["phi"])}
+        saved["phi"] = float(saved["phi"])
+        return saved, path
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise UsageError(f"{path}: no valid phi; re-run `dvc repro calibrate@{variant}`") from None
+        raise UsageError(f"{path}: not a calibration of this version; re-run `dvc repro "
+                         f"calibrate@{row}`") from None
 
 
 def write_patients(path: Path, scored: list[tuple[str, float]], rule: dict) -> int:
@@ -332,15 +354,15 @@ def load_full(item: Item, frames: _Frames) -> np.ndarray:
 
 
 def map_name(choice: str, maps: dict, calibrated: str | None = None) -> str:
-    """The map ``--map`` asks for among those the variant gives (UsageError if it has none);
+    """The map ``--map`` asks for among those the row's score gives (UsageError if it has none);
     ``auto``: the one calibration chose on validation lesion masks, else the residual activation
-    map for latent variants, else the difference map."""
+    map of the latent score, else the difference map."""
     if choice == "auto":
         if calibrated in maps:
             return calibrated
         return "aam_residual" if "aam_residual" in maps else "difference"
     if choice not in maps:
-        raise UsageError(f"--map {choice}: this variant gives only {', '.join(sorted(maps))}")
+        raise UsageError(f"--map {choice}: this row gives only {', '.join(sorted(maps))}")
     return choice
 
 
@@ -358,12 +380,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace | int:
 
 def predict(args: argparse.Namespace) -> int:
     """The ``predict`` command; returns 0 or 1, raises :class:`UsageError`."""
-    from .params import VARIANTS
-
-    if args.variant is None and not args.model_uri:
-        raise UsageError("pass --variant (a model under --models) or --model-uri")
-    if args.variant is not None and args.variant not in VARIANTS:
-        raise UsageError(f"unknown variant {args.variant!r}: choose one of {', '.join(VARIANTS)}")
+    if args.row is None and not args.model_uri:
+        raise UsageError("pass --row (a calibrated row under --calibration) or --model-uri")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if not 0 <= args.alpha <= 1:
@@ -374,6 +394,8 @@ def predict(args: argparse.Namespace) -> int:
 
     from .data.dataset import to_float
     from .data.preprocess import SkipImage
+    from .params import parse_params
+    from .scoring import score_batch
     from .train import resolve_device
 
     try:
@@ -381,13 +403,15 @@ def predict(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         raise UsageError(str(exc)) from None
     if args.model_uri:
-        model, phi, patient_rule, shown, source = load_model_uri(args.model_uri, args.variant,
-                                                                 device)
-        args.variant = model.variant
+        model, cfg = load_model_uri(args.model_uri, device)
+        source, calibration_file = args.model_uri, args.model_uri
     else:
-        model = load_model(args.variant, args.models, device)
-        phi, patient_rule, shown = load_calibration(args.variant, args.calibration)
-        source = args.models / args.variant / "model.pt"
+        cfg, calibration_file = load_calibration(args.row, args.seed, args.calibration)
+        folder = args.models / cfg["model"] / f"s{cfg['seed']}"
+        model = _model(folder, cfg["model"], device)
+        source = folder / "model.pt"
+    phi, patient_rule, shown, row = cfg["phi"], cfg.get("patient"), cfg.get("map"), cfg["row"]
+    knobs = parse_params({"score": cfg["score_params"]}).score
     detector, size, params = model.detector, model.image_size, model.params
     if model.data.get("source") == "synthetic":
         print(f"warning: {source} was trained on synthetic scans "
@@ -408,7 +432,7 @@ def predict(args: argparse.Namespace) -> int:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(params.seed)  # AnoGAN's search starts from torch's RNG, as in scoring
+    torch.manual_seed(model.seed)  # as in the score stage
     n_scored = n_disease = 0
     scored: list[tuple[str, float]] = []  # (patient, score) of every scored B-scan
     frames = _Frames()
@@ -426,8 +450,7 @@ def predict(args: argparse.Namespace) -> int:
             if not ok:
                 continue
             x = to_float(np.stack(images)[:, None], device)
-            with torch.no_grad():
-                result = detector.score(x)
+            result = score_batch(detector, x, knobs)[cfg["score"]]
             scores = result.score.float().cpu().numpy()
             heat = result.maps[map_name(args.map, result.maps, shown)].float().cpu().numpy()
             for item, score, h in zip(ok, scores, heat):
@@ -451,7 +474,7 @@ def predict(args: argparse.Namespace) -> int:
                 scored.append((item.patient, float(score)))
                 n_disease += decision == "disease"
             fh.flush()
-    print(f"{n_scored} image(s) scored with {args.variant} (phi {phi:.6g}): {n_disease} disease, "
+    print(f"{n_scored} image(s) scored with {row} s{model.seed} (phi {phi:.6g}): {n_disease} disease, "
           f"{n_scored - n_disease} normal -> {out / 'predictions.csv'}"
           + (f"; {len(failures)} failed" if failures else ""))
     if scored and patient_rule is not None:
@@ -460,9 +483,8 @@ def predict(args: argparse.Namespace) -> int:
         print(f"{n_pat} patient(s) / volume(s) ({patient_rule['aggregation']} of their scans' "
               f"scores, phi {patient_rule['phi']:.6g}): {sick} disease -> {out / 'patients.csv'}")
     elif scored:
-        print(f"note: {args.calibration / args.variant / 'calibration.json'} has no patient rule "
-              f"(calibrated before patient-level decisions, or without validation patients); "
-              f"re-run `dvc repro calibrate@{args.variant}` for patients.csv", file=sys.stderr)
+        print(f"note: {calibration_file} has no patient rule (no validation patients of both "
+              f"classes): no patients.csv", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -1,9 +1,11 @@
-"""Stage report: all variants side by side.
+"""Stage report: all rows side by side, over the training seeds.
 
-Writes ``reports/metrics.json`` (one entry per variant, with the paired test of sparse_gan against
-it), ``reports/table1.md``, ``reports/roc.csv``, the figures in ``reports/figures/`` and the
-self-contained page ``reports/index.html``, which is also logged to MLflow (run ``report``); the
-registered screening model of the row with the best validation AUC gets the alias ``champion``.
+Writes ``reports/metrics.json`` (one entry per row: mean, spread and per-seed metrics, with the
+paired comparison of sparse_gan against it), ``reports/table1.md``, ``reports/roc.csv``, the
+figures in ``reports/figures/`` (of the first seed) and the self-contained page
+``reports/index.html``, which is also logged to the pipeline's parent MLflow run; the registered
+screening model of the row with the best mean validation AUC (its seed with the best validation
+AUC) gets the alias ``champion``.
 """
 
 from __future__ import annotations
@@ -12,23 +14,34 @@ import json
 from pathlib import Path
 
 from .evaluate import PAPER_TABLE1, compare_to_reference, summarize
-from .figures import make_figures
+from .figures import RowFiles, make_figures
 from .html_report import write_index
 from .params import Params
 from .tracking import _git, flatten
 
 
+def row_files(params: Params, row: str, seed: int, scores_root: Path, models_root: Path,
+              rows_dir: Path) -> RowFiles:
+    """Where the files of ``row``'s model of ``seed`` are (the layout of dvc.yaml)."""
+    model, score = params.rows[row]
+    return RowFiles(seed=seed, scores=scores_root / model / f"s{seed}" / score,
+                    calibration=rows_dir / row / "calibration" / f"s{seed}.json",
+                    history=models_root / model / f"s{seed}" / "history.json",
+                    roc=rows_dir / row / "roc.csv", metrics=rows_dir / row / "metrics.json")
+
+
 def build_report(params: Params, processed_dir: Path, scores_root: Path, models_root: Path,
-                 variants_dir: Path, reports_root: Path, log_mlflow: bool = True) -> dict:
-    variants = list(params.variants)
-    results = summarize(variants, variants_dir, reports_root)
-    for other, cmp in compare_to_reference(variants, scores_root, "sparse_gan",
-                                           seed=params.seed).items():
+                 rows_dir: Path, reports_root: Path, log_mlflow: bool = True) -> dict:
+    rows = list(params.rows)
+    results = summarize(rows, rows_dir, reports_root)
+    for other, cmp in compare_to_reference(params, scores_root, "sparse_gan").items():
         results[other].update({f"vs_sparse_gan_{k}": v for k, v in cmp.items()})
     (reports_root / "metrics.json").write_text(json.dumps(results, indent=1))
-    figures = make_figures(variants, processed_dir, scores_root, variants_dir, models_root,
-                           reports_root / "figures")
-    provenance = {"seed": params.seed, "data.source": params.data.source,
+    first = params.seeds[0]
+    figures = make_figures({r: row_files(params, r, first, scores_root, models_root, rows_dir)
+                            for r in rows}, processed_dir, reports_root / "figures")
+    provenance = {"seeds": ", ".join(map(str, params.seeds)),
+                  "figures": f"seed {first}", "data.source": params.data.source,
                   "image size": params.data.image_size, "split": params.data.split.protocol,
                   "git commit": _git("rev-parse", "--short", "HEAD") or "unknown",
                   "command": "dvc repro"}
@@ -36,17 +49,19 @@ def build_report(params: Params, processed_dir: Path, scores_root: Path, models_
     if log_mlflow:
         import mlflow
 
-        from .tracking import start_run
-        with start_run("report"):
+        from .serving import set_champion
+        from .tracking import start_pipeline_run
+        with start_pipeline_run():
             mlflow.log_params({k: v for k, v in flatten(params).items()
-                               if k.split(".")[0] in ("seed", "data", "calibrate")})
-            mlflow.log_metrics({f"{v}.{k}": float(x) for v, m in results.items()
-                                for k, x in m.items() if k.startswith("vs_sparse_gan_")})
-            mlflow.log_artifact(str(index))
-            mlflow.log_artifact(str(reports_root / "table1.md"))
-            mlflow.log_artifact(str(reports_root / "metrics.json"))
-            from .serving import set_champion
-            champion = set_champion({v: m["val_auc"] for v, m in results.items()})
+                               if k.split(".")[0] in ("seeds", "data", "calibrate", "score")})
+            mlflow.log_metrics({f"{r}.{k}": float(x) for r, m in results.items()
+                                for k, x in m.items()
+                                if (k.startswith("vs_sparse_gan_") or k in ("val_auc", "test_auc"))
+                                and isinstance(x, (int, float))})
+            for path in (index, reports_root / "table1.md", reports_root / "metrics.json"):
+                mlflow.log_artifact(str(path))
+            champion = set_champion({r: {int(s): m["val_auc"] for s, m in res["seeds"].items()}
+                                     for r, res in results.items()})
             if champion:
-                mlflow.set_tag("champion", champion)
+                mlflow.set_tag("champion", f"{champion[0]} s{champion[1]}")
     return results

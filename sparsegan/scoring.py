@@ -1,63 +1,131 @@
-"""Stage score@<variant>: anomaly scores of the validation and test scans, the test anomaly maps,
-and how well each map localises the validation lesions (no metric of the test split here)."""
+"""Stage score@<model>-<seed>: every anomaly score a trained model gives (the rows' scores,
+:data:`sparsegan.params.MODEL_SCORES`), of the validation and test scans, in one pass; the test
+anomaly maps; how well each map localises the validation lesions (no metric of the test split).
+
+Scoring only: training never imports this module (tests/test_stage_deps.py), so a change here
+re-scores without re-training.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .anomaly import (anogan_search, anomaly_activation_map, difference_map, image_anomaly_score,
+                      izif_score, latent_anomaly_score, residual_activation_map)
 from .data.dataset import iterate_batches, load_split
 from .metrics import MAP_NAMES, pixel_auroc
-from .params import Params
+from .models import Detector
+from .models.anogan import AnoGAN
+from .models.fanogan import FAnoGAN
+from .models.gan_parts import frozen
+from .models.sparse_gan import ReconstructionDetector
+from .params import MODEL_SCORES, ScoreParams
 from .train import load_trained, resolve_device
 
 
-def score_images(detector, images: np.ndarray, batch_size: int, device: torch.device,
-                 keep_maps: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Scores (N,) and, if ``keep_maps``, float16 maps (N, 1, S, S) by name plus the
-    reconstruction as uint8 ("reconstruction")."""
-    scores, maps = [], {}
+@dataclass
+class ScoreOutput:
+    """``score``: (B,) anomaly score, higher = more anomalous.
+    ``maps``: name -> (B, 1, S, S) anomaly maps in the input's resolution; every score gives
+    ``"difference"`` (|I_in - I_re|); the latent score also ``"aam"`` (eq. 8) and
+    ``"aam_residual"`` (the same weights on |H_in - H_re|).
+    ``reconstruction``: (B, 1, S, S) in [-1, 1]."""
+
+    score: torch.Tensor
+    reconstruction: torch.Tensor
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def score_batch(detector: Detector, x: torch.Tensor,
+                knobs: ScoreParams = ScoreParams()) -> dict[str, ScoreOutput]:
+    """Every score of ``detector`` for a batch ``x`` (B, 1, S, S) in [-1, 1], by score name (the
+    model's :data:`~sparsegan.params.MODEL_SCORES`), the detector in eval mode."""
+    if isinstance(detector, ReconstructionDetector):
+        latent = detector.encoder(x)  # H_in
+        rec = detector.decoder(latent)  # I_re
+        latent_re = detector.encoder(rec)  # H_re = E(I_re), E = G_en
+        diff = difference_map(x, rec)
+        size = x.shape[-1]
+        return {"image": ScoreOutput(image_anomaly_score(x, rec), rec, {"difference": diff}),
+                "latent": ScoreOutput(latent_anomaly_score(latent, latent_re), rec,  # eq. 4
+                                      {"difference": diff,
+                                       "aam": anomaly_activation_map(latent, latent_re, size),
+                                       "aam_residual": residual_activation_map(latent, latent_re,
+                                                                               size)})}
+    if isinstance(detector, AnoGAN):
+        k = knobs.anogan
+        _, loss, generated = anogan_search(detector.generator, detector.discriminator, x,
+                                           detector.p.latent_dim, k.search_steps, k.search_lr,
+                                           k.search_init, k.weight)
+        return {"search": ScoreOutput(loss, generated, {"difference": difference_map(x, generated)})}
+    if isinstance(detector, FAnoGAN):
+        with frozen(detector.generator, detector.critic, detector.encoder):
+            image_mse, feature_mse, rec = detector.izif(x)
+        return {"izif": ScoreOutput(izif_score(image_mse, feature_mse, detector.p.kappa), rec,
+                                    {"difference": difference_map(x, rec)})}
+    raise TypeError(f"no scores for {type(detector).__name__}")
+
+
+def score_images(detector: Detector, images: np.ndarray, batch_size: int, device: torch.device,
+                 keep_maps: bool, knobs: ScoreParams = ScoreParams()
+                 ) -> dict[str, tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Per score name: scores (N,) and, if ``keep_maps``, float16 maps (N, 1, S, S) by name plus
+    the reconstruction as uint8 ("reconstruction")."""
+    scores: dict[str, list] = {}
+    maps: dict[str, dict[str, list]] = {}
     for x in iterate_batches(images, batch_size, shuffle=False):
-        out = detector.score(x.to(device))
-        scores.append(out.score.float().cpu().numpy())
-        if keep_maps:
-            for name, m in out.maps.items():
-                maps.setdefault(name, []).append(m.float().cpu().numpy().astype(np.float16))
-            rec = ((out.reconstruction.float().cpu().numpy() + 1) * 127.5).round().clip(0, 255)
-            maps.setdefault("reconstruction", []).append(rec.astype(np.uint8))
-    return np.concatenate(scores), {k: np.concatenate(v) for k, v in maps.items()}
+        for name, out in score_batch(detector, x.to(device), knobs).items():
+            scores.setdefault(name, []).append(out.score.float().cpu().numpy())
+            if keep_maps:
+                kept = maps.setdefault(name, {})
+                for m, value in out.maps.items():
+                    kept.setdefault(m, []).append(value.float().cpu().numpy().astype(np.float16))
+                rec = ((out.reconstruction.float().cpu().numpy() + 1) * 127.5).round().clip(0, 255)
+                kept.setdefault("reconstruction", []).append(rec.astype(np.uint8))
+    return {name: (np.concatenate(s), {k: np.concatenate(v) for k, v in maps.get(name, {}).items()})
+            for name, s in scores.items()}
 
 
-def score_variant(variant: str, params: Params, processed_dir: Path, model_dir: Path,
-                  out_dir: Path) -> None:
-    """Write ``out_dir/{val,test}.csv`` (index + score), ``test_maps.npz``, ``timing.json`` and,
-    when the validation scans have lesion masks, ``val_localisation.json``: the pixel AUROC of
-    each anomaly map on the diseased validation scans (calibration picks the map shown from it)."""
-    device = resolve_device(params.train.device)
-    torch.manual_seed(params.seed)  # AnoGAN's search draws its start from torch's RNG
-    detector = load_trained(model_dir, device, variant=variant, scoring=params).detector
-    out_dir.mkdir(parents=True, exist_ok=True)
-    timing = {}
+def score_model(model: str, seed: int, knobs: ScoreParams, batch_size: int, device_name: str,
+                processed_dir: Path, model_dir: Path, out_dir: Path) -> None:
+    """For each score ``s`` of ``model``: ``out_dir/<s>/{val,test}.csv`` (index + score),
+    ``test_maps.npz``, ``timing.json`` and, when the validation scans have lesion masks,
+    ``val_localisation.json``: the pixel AUROC of each anomaly map on the diseased validation
+    scans (calibration picks the map shown from it). ``seed`` seeds torch's RNG, so that a
+    score that drew random numbers would be reproducible per trained model."""
+    device = resolve_device(device_name)
+    torch.manual_seed(seed)
+    detector = load_trained(model_dir, device, model=model).detector
+    timing: dict[str, float] = {}
+    results = {}
     for split in ("val", "test"):
         images, index, _ = load_split(processed_dir, split)
-        tic = time.perf_counter()
         masks_path = processed_dir / f"{split}_masks.npy"
         localise = split == "val" and masks_path.exists()
-        scores, maps = score_images(detector, images, params.train.batch_size, device,
-                                    keep_maps=split == "test" or localise)
+        tic = time.perf_counter()
+        results[split] = (index, score_images(detector, images, batch_size, device,
+                                              keep_maps=split == "test" or localise, knobs=knobs))
         timing[f"{split}_images_per_s"] = len(images) / (time.perf_counter() - tic)
-        index.assign(score=scores).to_csv(out_dir / f"{split}.csv", index=False)
-        if split == "test":
-            np.savez_compressed(out_dir / "test_maps.npz", **maps)
-        elif localise:
-            masks = np.load(masks_path, mmap_mode="r")
-            sick = (index["label"].to_numpy() == 1) & (np.asarray(masks).reshape(len(masks), -1)
-                                                         .any(axis=1))
-            result = {name: pixel_auroc(maps[name][sick].astype(np.float32), masks[sick])
-                      for name in MAP_NAMES if name in maps and sick.any()}
-            (out_dir / "val_localisation.json").write_text(json.dumps(result, indent=1))
-    (out_dir / "timing.json").write_text(json.dumps(timing, indent=1))
+    for name in MODEL_SCORES[model]:
+        folder = out_dir / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, (index, by_score) in results.items():
+            scores, maps = by_score[name]
+            index.assign(score=scores).to_csv(folder / f"{split}.csv", index=False)
+            if split == "test":
+                np.savez_compressed(folder / "test_maps.npz", **maps)
+            elif maps:
+                masks = np.load(processed_dir / "val_masks.npy", mmap_mode="r")
+                sick = ((index["label"].to_numpy() == 1)
+                        & np.asarray(masks).reshape(len(masks), -1).any(axis=1))
+                result = {m: pixel_auroc(maps[m][sick].astype(np.float32), masks[sick])
+                          for m in MAP_NAMES if m in maps and sick.any()}
+                (folder / "val_localisation.json").write_text(json.dumps(result, indent=1))
+        (folder / "timing.json").write_text(json.dumps(timing, indent=1))

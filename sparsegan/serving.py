@@ -1,19 +1,20 @@
 """The screening model as an MLflow model: pyfunc, Model Registry, REST serving.
 
 :class:`ScreeningModel` is an ``mlflow.pyfunc.PythonModel`` whose artifacts are the trained
-``model.pt`` (weights and plain data, loaded with ``weights_only``) and a JSON config (variant,
-phi, the patient rule, the map drawn); no pickle of our classes. Its input is a DataFrame with a
+``model.pt`` (weights and plain data, loaded with ``weights_only``) and a JSON config (row,
+trained model, score, seed, the scoring knobs, phi, the patient rule, the map drawn); no pickle of our classes. Its input is a DataFrame with a
 column ``image``: each value a B-scan file's bytes in base64 (what a REST client sends) or a path
 to the file; any size and mode, converted exactly as in training
 (:func:`sparsegan.data.preprocess.load_gray`). Its output has per image ``score``, ``phi``,
 ``decision`` (``disease`` when score > phi, eq. 5) and ``map_png`` (the localising map at the
 model's resolution, min-max normalised, as a base64 8-bit PNG: the map with the best validation
-pixel AUROC, ``calibration.json``'s ``map``; without masks the residual activation map for latent
-variants, else the difference map).
+pixel AUROC, the calibration's ``map``; without masks the residual activation map for the latent
+score, else the difference map).
 
 :func:`log_screening_model` logs it into the active run and registers it as
-``sparse-gan-oct-<variant>`` (one registered model per row); :func:`set_champion` gives the alias
-``champion`` to the row with the best *validation* AUC. Then::
+``sparse-gan-oct-<row>`` (one registered model per row, one version per seed and pipeline run,
+tagged ``seed``); :func:`set_champion` gives the alias ``champion`` to the row with the best mean
+*validation* AUC over its seeds, on the version of its best validation seed. Then::
 
     mlflow models serve -m models:/sparse-gan-oct-autoencoder@champion --env-manager local -p 5001
     sparsegan predict --model-uri models:/sparse-gan-oct-autoencoder@champion --out preds/ scans/
@@ -36,14 +37,16 @@ REGISTERED_PREFIX = "sparse-gan-oct-"
 CONFIG = "screening.json"
 
 
-def registered_name(variant: str) -> str:
-    return REGISTERED_PREFIX + variant
+def registered_name(row: str) -> str:
+    return REGISTERED_PREFIX + row
 
 
-def screening_config(variant: str, calibration: dict, map_name: str) -> dict:
-    """The JSON config logged beside the weights."""
+def screening_config(calibration: dict, map_name: str) -> dict:
+    """The JSON config logged beside the weights, from one seed's calibration of a row
+    (:func:`sparsegan.metrics.calibrate_row`)."""
     rule = calibration.get("patient")
-    return {"variant": variant, "phi": float(calibration["phi"]),
+    return {**{k: calibration[k] for k in ("row", "model", "score", "seed", "score_params")},
+            "phi": float(calibration["phi"]),
             "criterion": calibration.get("criterion"), "map": map_name,
             "patient": None if rule is None else {"aggregation": rule["aggregation"],
                                                   "phi": float(rule["phi"])}}
@@ -76,7 +79,7 @@ class ScreeningModel(_pyfunc_base()):
 
         self.config = json.loads(Path(context.artifacts["config"]).read_text())
         weights = Path(context.artifacts["weights"])
-        self.trained = load_trained(weights.parent, variant=self.config["variant"])
+        self.trained = load_trained(weights.parent, model=self.config["model"])
         self.warned = False
 
     def predict(self, context, model_input, params=None):
@@ -86,6 +89,8 @@ class ScreeningModel(_pyfunc_base()):
 
         from .data.dataset import to_float
         from .data.preprocess import SkipImage, load_gray
+        from .params import parse_params
+        from .scoring import score_batch
 
         m, cfg = self.trained, self.config
         if m.data.get("source") == "synthetic" and not getattr(self, "warned", True):
@@ -105,9 +110,9 @@ class ScreeningModel(_pyfunc_base()):
                                             fill))
                 except SkipImage as exc:
                     raise ValueError(f"image {k}: {exc}") from None
-        torch.manual_seed(m.params.seed)  # AnoGAN's search starts from torch's RNG, as in scoring
-        with torch.no_grad():
-            out = m.detector.score(to_float(np.stack(images)[:, None]))
+        torch.manual_seed(m.seed)  # as in the score stage
+        knobs = parse_params({"score": cfg["score_params"]}).score
+        out = score_batch(m.detector, to_float(np.stack(images)[:, None]), knobs)[cfg["score"]]
         heat = out.maps[cfg["map"]].float().numpy()[:, 0]
         for score, h in zip(out.score.float().numpy(), heat):
             lo, hi = float(h.min()), float(h.max())
@@ -120,16 +125,17 @@ class ScreeningModel(_pyfunc_base()):
         return pd.DataFrame(rows)
 
 
-def default_map(variant: str) -> str:
+def default_map(score: str) -> str:
     """The map a reader is shown when calibration had no lesion masks to choose one on: the
-    residual activation map for latent variants."""
-    return "aam_residual" if variant in ("pix2pix_latent", "sparse_gan") else "difference"
+    residual activation map for the latent score, else the difference map."""
+    return "aam_residual" if score == "latent" else "difference"
 
 
-def log_screening_model(variant: str, model_dir: Path, calibration: dict,
+def log_screening_model(row: str, model_dir: Path, calibration: dict,
                         example_image: Path | None = None):
-    """Log the pyfunc screening model into the active run and register it (one registered model
-    per row); returns the ``ModelInfo``."""
+    """Log the pyfunc screening model of ``row`` (``model_dir`` holds the trained model of the
+    calibration's seed) into the active run and register it as a version of
+    ``sparse-gan-oct-<row>``, tagged with the seed; returns the ``ModelInfo``."""
     import mlflow
     import pandas as pd
     import torch
@@ -139,8 +145,8 @@ def log_screening_model(variant: str, model_dir: Path, calibration: dict,
     model_dir = Path(model_dir)
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / CONFIG
-        shown = calibration.get("map") or default_map(variant)
-        config.write_text(json.dumps(screening_config(variant, calibration, shown), indent=1))
+        shown = calibration.get("map") or default_map(calibration["score"])
+        config.write_text(json.dumps(screening_config(calibration, shown), indent=1))
         artifacts = {"weights": str(model_dir / "model.pt"), "config": str(config)}
         signature = input_example = None
         if example_image is not None:
@@ -156,29 +162,38 @@ def log_screening_model(variant: str, model_dir: Path, calibration: dict,
             model.load_context(ctx)
             signature = mlflow.models.infer_signature(input_example,
                                                       model.predict(ctx, input_example))
-        load_trained(model_dir, variant=variant)  # a bad model file fails here, named
-        return mlflow.pyfunc.log_model(
+        else:
+            load_trained(model_dir, model=calibration["model"])  # a bad file fails here, named
+        info = mlflow.pyfunc.log_model(
             name="screening", python_model=ScreeningModel(), artifacts=artifacts,
             code_paths=[str(Path(__file__).resolve().parent)], signature=signature,
-            input_example=input_example, registered_model_name=registered_name(variant),
+            input_example=input_example, registered_model_name=registered_name(row),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                               f"mlflow=={mlflow.__version__}", "numpy", "pandas", "pillow",
                               "scipy", "pyyaml"])
+        if info.registered_model_version is not None:
+            mlflow.MlflowClient().set_model_version_tag(
+                registered_name(row), str(info.registered_model_version), "seed",
+                str(calibration["seed"]))
+        return info
 
 
-def set_champion(val_aucs: dict[str, float], client=None) -> str | None:
-    """Alias ``champion`` on the latest version of the row with the best validation AUC (the
-    test split never chooses); returns that row, or None when none of them is registered."""
+def set_champion(val_aucs: dict[str, dict[int, float]], client=None) -> tuple[str, int] | None:
+    """Alias ``champion`` on the row with the best mean validation AUC over its seeds
+    (``{row: {seed: val AUC}}``; the test split never chooses), on the latest version of its
+    seed with the best validation AUC; returns ``(row, seed)``, or None when none is registered."""
     import mlflow
 
     client = client or mlflow.MlflowClient()
-    for variant in sorted(val_aucs, key=lambda v: -val_aucs[v]):
-        versions = client.search_model_versions(f"name = '{registered_name(variant)}'")
-        if versions:
-            latest = max(versions, key=lambda v: int(v.version))
-            client.set_registered_model_alias(registered_name(variant), "champion",
-                                              latest.version)
-            return variant
+    for row in sorted(val_aucs, key=lambda r: -float(np.mean(list(val_aucs[r].values())))):
+        versions = client.search_model_versions(f"name = '{registered_name(row)}'")
+        for seed in sorted(val_aucs[row], key=lambda s: -val_aucs[row][s]):
+            mine = [v for v in versions if v.tags.get("seed") == str(seed)]
+            if mine:
+                latest = max(mine, key=lambda v: int(v.version))
+                client.set_registered_model_alias(registered_name(row), "champion",
+                                                  latest.version)
+                return row, seed
     return None
 
 

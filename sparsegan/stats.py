@@ -23,9 +23,11 @@ A resample that holds a single class (no diseased or no normal scan) has no AUC,
 specificity; it is **skipped** for every metric and counted (``n_skipped``). Intervals are
 percentile intervals (``alpha / 2`` and ``1 - alpha / 2`` quantiles of the valid resamples).
 
-:func:`paired_bootstrap` compares two variants scored on the same scans: the same patient
+:func:`paired_bootstrap` compares two rows scored on the same scans: the same patient
 resamples serve both, so the interval and p-value of the AUC difference account for the scores'
-correlation. :func:`delong_test` is the classic DeLong et al. (1988) test of two correlated AUCs
+correlation; with several training seeds per row it resamples the seeds too (paired by
+training when both rows are scores of one model). :func:`delong_test` is the classic DeLong et
+al. (1988) test of two correlated AUCs
 (fast midrank algorithm of Sun & Xu, 2014); it treats scans as independent, so prefer the paired
 bootstrap when a patient has several scans.
 """
@@ -212,27 +214,54 @@ def patient_bootstrap(labels: np.ndarray, scores: np.ndarray, patients: Sequence
 
 def paired_bootstrap(labels: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray,
                      patients: Sequence | np.ndarray, n_boot: int = 1000, seed: int = 0,
-                     alpha: float = 0.05) -> dict:
+                     alpha: float = 0.05, same_trainings: bool = False) -> dict:
     """AUC(a) - AUC(b) on the same scans, with the same patient resamples for both.
 
+    ``scores_a`` / ``scores_b``: (N,), or (seeds, N) with one row per training seed of that row.
+    With several seeds each resample also draws the seeds with replacement and compares the mean
+    AUCs over the drawn seeds, so the interval accounts for the training seeds as well as for the
+    test patients; with one seed per side it is the plain paired patient bootstrap. The two
+    sides' seeds are drawn independently (two models: separate trainings), or, with
+    ``same_trainings`` (two scores of one model: row ``i`` of both sides is the same training),
+    as one draw for both, so that the comparison is paired by training too.
+
     Returns ``{"delta_auc", "ci": (lo, hi), "p_value", "auc_a", "auc_b", "n_boot",
-    "n_skipped"}``: ``delta_auc`` on the data as given, the percentile ``1 - alpha`` interval of
-    the resampled differences, and the two-sided bootstrap p-value
+    "n_skipped"}``: ``delta_auc`` (of the seed-mean AUCs) on the data as given, the percentile
+    ``1 - alpha`` interval of the resampled differences, and the two-sided bootstrap p-value
     ``min(1, 2 min((1 + #{d <= 0}) / (1 + n), (1 + #{d >= 0}) / (1 + n)))`` over the ``n`` valid
-    resamples ``d``: it is below ``alpha`` about when the interval excludes 0, and 1 when the two
-    variants' scores are identical.
+    resamples ``d``: it is below ``alpha`` about when the interval excludes 0. Identical scores
+    give ``delta_auc`` 0 and p 1 with one seed or ``same_trainings`` (every ``d`` is 0); with
+    independent seed draws the ``d`` spread around 0 and p is near 1, not exactly 1.
     """
-    labels = _check(labels, scores_a, scores_b, patients)
-    sa, sb = np.asarray(scores_a, float), np.asarray(scores_b, float)
+    sa = np.atleast_2d(np.asarray(scores_a, float))
+    sb = np.atleast_2d(np.asarray(scores_b, float))
+    labels = _check(labels, *sa, *sb, patients)
+    ka, kb = len(sa), len(sb)
+    if same_trainings and ka != kb:
+        raise ValueError(f"same_trainings needs one score row per training on both sides, "
+                         f"got {ka} and {kb} seeds")
+    seed_rng = np.random.default_rng([seed, 1])  # apart from the patient draws
+
+    def seed_means(auc: np.ndarray, picks: np.ndarray | None) -> np.ndarray:  # (n, k) -> (n,)
+        if picks is None:
+            return auc[:, 0]
+        return np.take_along_axis(auc, picks, axis=1).mean(axis=1)
+
+    def draw(k: int, n: int) -> np.ndarray | None:
+        return None if k == 1 else seed_rng.integers(0, k, size=(n, k))
+
     deltas = []
-    for ma, mb in _resampled(labels, [sa, sb], patients, None, n_boot, seed):
-        deltas.append(ma["auc"] - mb["auc"])
+    for metrics in _resampled(labels, [*sa, *sb], patients, None, n_boot, seed):
+        auc = np.stack([m["auc"] for m in metrics], axis=1)  # (chunk, ka + kb)
+        picks_a = draw(ka, len(auc))
+        picks_b = picks_a if same_trainings else draw(kb, len(auc))
+        deltas.append(seed_means(auc[:, :ka], picks_a) - seed_means(auc[:, ka:], picks_b))
     d = np.concatenate(deltas)
     valid = ~np.isnan(d)
     d = d[valid]
     ones = np.ones((1, len(labels)))
-    auc_a = float(weighted_metrics(labels, sa, ones)["auc"][0])
-    auc_b = float(weighted_metrics(labels, sb, ones)["auc"][0])
+    auc_a = float(np.mean([weighted_metrics(labels, s, ones)["auc"][0] for s in sa]))
+    auc_b = float(np.mean([weighted_metrics(labels, s, ones)["auc"][0] for s in sb]))
     if len(d):
         lo, hi = np.quantile(d, [alpha / 2, 1 - alpha / 2])
         n = len(d)

@@ -1,4 +1,8 @@
-"""MLflow tracking: one run per variant, in a sqlite store at the main repository's root.
+"""MLflow tracking in a sqlite store at the main repository's root: one parent run per pipeline
+run (named by the DVC experiment, else the commit) and under it one child run per trained
+(model, seed), named e.g. ``sparse_gan s1 exp-ab12``, which gets the training curves and the
+test metrics of every row scored from that model (``<row>.test_auc``, ...). The report stage
+logs into the parent run.
 
 ``dvc exp run --temp/--queue`` runs stages in ``.dvc/tmp/exps/...``; a relative
 ``sqlite:///mlflow.db`` would be created there and lost, so the default store is resolved to the
@@ -109,7 +113,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
         for k, v in obj.items():
             out.update(flatten(v, f"{prefix}{k}."))
         return out
-    return {prefix[:-1]: ",".join(obj) if isinstance(obj, tuple) else obj}
+    return {prefix[:-1]: ",".join(map(str, obj)) if isinstance(obj, tuple) else obj}
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -121,10 +125,8 @@ def open_experiment(uri: str):
     """Point MLflow at ``uri`` and select (creating if needed) our tagged experiment; for a sqlite
     store under a file lock, so that concurrent first uses create the store once."""
     import mlflow
-    from filelock import FileLock
 
-    db = _sqlite_path(uri)
-    with FileLock(f"{db}.lock") if db else contextlib.nullcontext():
+    with _store_lock(_sqlite_path(uri)):
         mlflow.set_tracking_uri(uri)
         experiment = mlflow.set_experiment(EXPERIMENT)
         if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
@@ -145,19 +147,72 @@ def log_training_data(images, path: Path, source: str) -> None:
     mlflow.log_input(dataset, context="training")
 
 
-def start_run(variant: str, run_id: str | None = None):
-    """Start (or, given ``run_id``, resume) the MLflow run of ``variant``, tagged with the
-    variant, the git commit and the DVC experiment name."""
+PIPELINE_TAG = "sparsegan.pipeline"
+
+
+def pipeline_name() -> str:
+    """This pipeline run's name: the DVC experiment (``DVC_EXP_NAME``, set by ``dvc exp run``),
+    else ``commit <short sha>`` (``dvc repro``), else ``workspace``."""
+    exp = os.environ.get("DVC_EXP_NAME", "")
+    if exp:
+        return exp
+    sha = _git("rev-parse", "--short", "HEAD")
+    return f"commit {sha}" if sha else "workspace"
+
+
+def pipeline_run_id() -> str:
+    """The parent run of this pipeline run (found by its tag, created once, under the store's
+    file lock so that stages started at once create one)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = check_tracking()
+    experiment = open_experiment(uri)
+    name = pipeline_name()
+    db = _sqlite_path(uri)
+    with _store_lock(db):
+        client = MlflowClient()
+        found = client.search_runs([experiment.experiment_id],
+                                   filter_string=f"tags.`{PIPELINE_TAG}` = '{name}'",
+                                   max_results=1, order_by=["attributes.start_time ASC"])
+        if found:
+            return found[0].info.run_id
+        run = client.create_run(experiment.experiment_id, run_name=name, tags={
+            PIPELINE_TAG: name, "git_commit": _git("rev-parse", "HEAD") or "unknown",
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")})
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+
+
+def _store_lock(db: Path | None):
+    """A file lock beside a sqlite store, or no lock for other stores."""
+    from filelock import FileLock
+
+    return FileLock(f"{db}.lock") if db else contextlib.nullcontext()
+
+
+def start_run(model: str, seed: int, run_id: str | None = None):
+    """Start (or, given ``run_id``, resume) the child run of (``model``, ``seed``) under this
+    pipeline run's parent, tagged with model, seed, git commit and DVC experiment."""
     import mlflow
 
-    open_experiment(check_tracking())
     if run_id:
+        open_experiment(check_tracking())
         try:
             return mlflow.start_run(run_id=run_id)
         except Exception:  # the run lives in another store (e.g. restored from DVC's cache)
             pass
-    return mlflow.start_run(run_name=variant, tags={
-        "variant": variant,
+    parent = pipeline_run_id()
+    name = pipeline_name()
+    return mlflow.start_run(run_name=f"{model} s{seed} {name}", tags={
+        "mlflow.parentRunId": parent, PIPELINE_TAG + ".child": name,
+        "model": model, "seed": str(seed),
         "git_commit": _git("rev-parse", "HEAD") or "unknown",
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""),
     })
+
+
+def start_pipeline_run():
+    """Resume this pipeline run's parent run (the report stage logs there)."""
+    import mlflow
+
+    return mlflow.start_run(run_id=pipeline_run_id())

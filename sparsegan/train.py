@@ -1,27 +1,29 @@
-"""Training of any variant on the normal training scans, with per-epoch checkpoints and MLflow.
+"""Training of any model on the normal training scans, with per-epoch checkpoints and MLflow.
 
-The loop is the same for every variant: epochs follow ``detector.phases()``, each epoch is one
+The loop is the same for every model: epochs follow ``detector.phases()``, each epoch is one
 pass over the shuffled normal training scans in batches of ``train.batch_size``, and
-``detector.train_step`` does the variant's updates. The finished model goes to
-``models/<variant>/``.
+``detector.train_step`` does the model's updates. The finished model goes to
+``models/<model>/s<seed>/model.pt``, a file that describes itself (:func:`model_file`).
 
 Reliability (tests/reliability proves each point):
 
-* **Checkpoints**: ``checkpoints/<variant>/checkpoint.pt`` holds the models (incl. buffers such as
-  f-AnoGAN's critic step counter), every optimizer (and scheduler, if a variant has any), the RNG
+* **Checkpoints**: ``checkpoints/<model>/s<seed>/checkpoint.pt`` holds the models (incl. buffers such as
+  f-AnoGAN's critic step counter), every optimizer (and scheduler, if a model has any), the RNG
   states (torch CPU/CUDA, the shuffle generator, numpy, random), the epoch, the loss history, the
   config hash and the MLflow run id. It is written before the first epoch and after every epoch,
   atomically (write ``.tmp``, fsync, rename), so a run killed at any point, SIGKILL included,
   resumes after the last finished epoch when re-run; on CPU the result is bit for bit that of an
-  uninterrupted run. ``checkpoints/`` is outside DVC's outputs (DVC deletes ``models/<variant>``
+  uninterrupted run. ``checkpoints/`` is outside DVC's outputs (DVC deletes ``models/<model>/s<seed>``
   before re-running a stage), so ``dvc repro`` resumes too. It is deleted once ``model.pt`` is saved.
-* **Other params or data**: a checkpoint whose config hash (variant, image size, seed, model, srn,
-  train, anogan, fanogan params) or training-data fingerprint (:func:`data_fingerprint`) differs
-  from the current ones is never resumed and never deleted: it is renamed to
+* **Other params or data**: a checkpoint whose config hash (model, seed, image size and the
+  params of :data:`sparsegan.params.TRAIN_READS`) or training-data fingerprint
+  (:func:`data_fingerprint`) differs from the current ones is never resumed and never deleted: it is renamed to
   ``checkpoint.config-<hash>.pt`` (or ``checkpoint.data-<hash>.pt``) with a message on stderr,
   and training starts afresh.
-* **Divergence**: a NaN/Inf loss raises :class:`FloatingPointError` naming the variant, epoch and
-  step, before anything is saved: the last good checkpoint stays as it was.
+* **Divergence**: a NaN/Inf loss raises :class:`FloatingPointError` naming the model, the
+  optimizer step, epoch and batch, before that step is taken
+  (:meth:`sparsegan.models.base.Detector.update`) and before anything is saved: the last good
+  checkpoint stays as it was.
 * **Files from outside**: checkpoints and models are read with ``torch.load(weights_only=True)``;
   a file whose pickle holds anything but tensors and plain data (which could run code) or that
   is not a readable checkpoint raises :class:`CheckpointError` naming the file, and is not used.
@@ -40,11 +42,10 @@ Speed (``scripts/bench.py`` measures each point; ``make bench``):
   preferred layout), bf16 autocast and ``cudnn.benchmark`` on CUDA;
   ``train.compile`` compiles the networks (:func:`compile_networks`).
 * **Several GPUs**: under torchrun (``train.nproc_per_node`` > 1, see
-  :mod:`sparsegan.distributed`) each rank trains on its shard of every global batch, each network
-  wrapped in ``DistributedDataParallel`` (gradients averaged during the backward pass), and rank 0
-  alone logs, checkpoints and writes the model, with the bare networks' ``state_dict`` keys (the
-  keys of a single-process run, no ``module.``); a resumed run restarts all ranks from rank 0's
-  checkpoint.
+  :mod:`sparsegan.distributed`) each rank trains on its shard of every global batch, the
+  gradients averaged over the ranks in every optimizer step (the detectors' update path), and
+  rank 0 alone logs, checkpoints and writes the model; a resumed run restarts all ranks from
+  rank 0's checkpoint.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ from . import distributed
 from .cli import StageError
 from .data.dataset import iterate_batches, load_split
 from .models import Detector, build_detector
-from .params import ParamError, Params, check_variant, parse_params, with_scoring
+from .models.base import Diverged
+from .params import TRAIN_READS, ParamError, Params, check_model, parse_params
 from .tracking import check_tracking, flatten, log_training_data, start_run
 
 CHECKPOINT_KEYS = ("config", "epoch", "history", "mlflow_run_id", "model", "optimizers", "rng")
@@ -87,18 +89,52 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _autocast(device: torch.device):
+def autocast(device: torch.device):
     """bf16 autocast on CUDA; CPU runs in fp32, unchanged."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def config_hash(variant: str, params: Params, image_size: int) -> str:
-    """Identifies what a checkpoint was trained with, so that a resume never mixes settings."""
+def setup_detector(model: str, seed: int, params: Params, image_size: int, device: torch.device,
+                   dist: distributed.DistInfo = distributed.DistInfo(), *,
+                   channels_last: bool = True) -> Detector:
+    """A fresh detector set up as training runs it: initialised from ``seed``, on ``device``,
+    NHWC (cuDNN's and oneDNN's preferred layout, on CPU too), ``cudnn.benchmark`` on CUDA, the
+    replicas made identical (SyncBatchNorm on CUDA, weights broadcast from rank 0) and its
+    updates averaged over the ranks under torchrun, compiled when ``train.compile``. The one
+    set-up of :func:`train_model`, ``scripts/bench.py`` and ``scripts/gpu_check.py``
+    (``channels_last=False``: the benchmark's NCHW ablation)."""
+    torch.manual_seed(seed)
+    detector = build_detector(model, params, image_size).to(device)
+    if channels_last:
+        detector = detector.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    detector = distributed.prepare_model(detector, device, dist)
+    if params.train.compile:
+        compile_networks(detector)
+    detector.distribute(dist)  # a no-op with one process
+    return detector.train()
+
+
+def train_step(detector: Detector, x: torch.Tensor, phase: str, device: torch.device,
+               channels_last: bool = True) -> dict[str, float]:
+    """One step on batch ``x`` as the training loop takes it: NHWC (unless ``channels_last`` is
+    off, as in :func:`setup_detector`), bf16 autocast on CUDA; returns the step's losses."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device):
+        return detector.train_step(x, phase)
+
+
+def config_hash(model: str, seed: int, params: Params, image_size: int) -> str:
+    """Identifies what a checkpoint was trained with (the params ``model``'s training reads,
+    :data:`~sparsegan.params.TRAIN_READS`), so that a resume never mixes settings."""
+    reads = TRAIN_READS[model]
     relevant = {k: v for k, v in flatten(params).items()
-                if k.split(".")[0] in ("seed", "model", "srn", "train", "anogan", "fanogan")}
-    payload = json.dumps([variant, image_size, relevant], sort_keys=True, default=str)
+                if any(k == r or k.startswith(r + ".") for r in reads)}
+    payload = json.dumps([model, seed, image_size, relevant], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -143,12 +179,6 @@ def load_trusted(path: Path, what: str, keys: tuple[str, ...],
     return state
 
 
-def _schedulers(detector: Detector) -> dict:
-    """LR schedulers of a variant that has any (``detector.schedulers()``), stepped per epoch."""
-    get = getattr(detector, "schedulers", None)
-    return get() if callable(get) else {}
-
-
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
     np_state = np.random.get_state(legacy=False)
     state = {"torch": torch.get_rng_state(), "shuffle": generator.get_state(),
@@ -183,17 +213,11 @@ def _state(detector: Detector, epoch: int, history: list, config: str, data: str
         "epoch": epoch,
         "history": history,
         "mlflow_run_id": run_id,
-        "model": _model_state(detector),
+        "model": detector.state_dict(),
         "optimizers": {k: o.state_dict() for k, o in detector.optimizers().items()},
-        "schedulers": {k: s.state_dict() for k, s in _schedulers(detector).items()},
+        "schedulers": {k: s.state_dict() for k, s in detector.schedulers().items()},
         "rng": _rng_state(generator, device),
     }
-
-
-def _model_state(detector: Detector) -> dict:
-    """``detector.state_dict()`` with the keys of the bare networks (no DDP ``module.``)."""
-    with distributed.unwrapped(detector):
-        return detector.state_dict()
 
 
 def _move_aside(path: Path, tag: str) -> Path:
@@ -217,7 +241,7 @@ def data_fingerprint(images: np.ndarray, processed_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _resume_state(checkpoint: Path, config: str, data: str, variant: str) -> dict | None:
+def _resume_state(checkpoint: Path, config: str, data: str, tag: str) -> dict | None:
     """The checkpoint to resume from, or None (none yet, or set aside: made with other params
     or other training data). Read on the CPU (RNG states must stay CPU tensors)."""
     if not checkpoint.exists():
@@ -227,7 +251,7 @@ def _resume_state(checkpoint: Path, config: str, data: str, variant: str) -> dic
         what, tag = (("other params", f"config-{state['config']}") if state["config"] != config
                      else ("other training data", f"data-{state.get('data')}"))
         dest = _move_aside(checkpoint, tag)
-        print(f"[train {variant}] {checkpoint} was made with {what}: not resuming it; moved it "
+        print(f"[train {tag}] {checkpoint} was made with {what}: not resuming it; moved it "
               f"to {dest} (nothing deleted) and training from scratch", file=sys.stderr)
         return None
     return state
@@ -249,7 +273,7 @@ def compile_networks(detector: Detector) -> None:
     """``train.compile``: ``torch.compile`` every network of ``detector`` in place
     (``nn.Module.compile``: the state_dict keys stay as they are), except f-AnoGAN's critic,
     whose gradient penalty needs a double backward, which compiled graphs do not support.
-    Called on the bare networks, before :func:`sparsegan.distributed.wrap_networks`."""
+    """
     for name, module in detector.named_children():
         if name == "critic":
             continue
@@ -272,15 +296,17 @@ def _log_missing_epochs(run_id: str, history: list[dict]) -> None:
             mlflow.log_metrics(metrics, step=row["epoch"])
 
 
-def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: Path,
-                  checkpoint_dir: Path, log_mlflow: bool = True) -> list[dict]:
-    """Train ``variant`` on ``processed_dir/train.npy`` and write ``model_dir/model.pt``, resuming
-    from ``checkpoint_dir/checkpoint.pt`` when it exists. Returns the per-epoch mean losses."""
-    check_variant(variant)
+def train_model(model: str, seed: int, params: Params, processed_dir: Path, model_dir: Path,
+                checkpoint_dir: Path, log_mlflow: bool = True) -> list[dict]:
+    """Train ``model`` from ``seed`` on ``processed_dir/train.npy`` and write
+    ``model_dir/model.pt``, resuming from ``checkpoint_dir/checkpoint.pt`` when it exists.
+    Returns the per-epoch mean losses."""
+    check_model(model)
+    tag = f"{model} s{seed}"  # in messages
     t = params.train
     dist, device = distributed.setup(resolve_device(t.device))  # a no-op outside torchrun
     if t.nproc_per_node > 1 and not dist.enabled:
-        print(f"[train {variant}] train.nproc_per_node = {t.nproc_per_node}, but this process was "
+        print(f"[train {tag}] train.nproc_per_node = {t.nproc_per_node}, but this process was "
               f"not started by torchrun: training in this one process (stages/train.py launches "
               f"torchrun itself)", file=sys.stderr)
     main = dist.is_main  # rank 0 logs, checkpoints and writes the model
@@ -292,52 +318,43 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
     batch_size = distributed.per_rank_batch(t.batch_size, dist)
     images, _, _ = load_split(processed_dir, "train")
     image_size = images.shape[-1]
-    torch.manual_seed(params.seed)
-    detector = build_detector(variant, params, image_size).to(device)
-    # NHWC: cuDNN's and oneDNN's preferred layout (measured by scripts/bench.py on CPU too)
-    detector = detector.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    detector = distributed.prepare_model(detector, device, dist)  # SyncBN (CUDA), broadcast
-    if t.compile:
-        compile_networks(detector)
-    wrapped = distributed.wrap_networks(detector, device, dist)  # DDP wrappers (N > 1 only)
-    if wrapped and main:
-        print(f"[train {variant}] DistributedDataParallel over {dist.world_size} processes: "
-              f"{', '.join(wrapped)}", file=sys.stderr)
-    generator = torch.Generator().manual_seed(params.seed)
-    config = config_hash(variant, params, image_size)
+    detector = setup_detector(model, seed, params, image_size, device, dist)
+    if dist.enabled and main:
+        print(f"[train {tag}] data parallel over {dist.world_size} processes (gradients "
+              f"averaged in every optimizer step)", file=sys.stderr)
+    generator = torch.Generator().manual_seed(seed)
+    config = config_hash(model, seed, params, image_size)
     data = data_fingerprint(images, processed_dir)
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoint_dir / "checkpoint.pt"
     start_epoch, history, run_id = 0, [], None
     # rank 0 decides (it may set a stale checkpoint aside); the others then read the same file
-    state = _resume_state(checkpoint, config, data, variant) if main else None
+    state = _resume_state(checkpoint, config, data, tag) if main else None
     if distributed.broadcast_object(state is not None, dist) and not main:
         state = load_trusted(checkpoint, "training checkpoint", CHECKPOINT_KEYS)
     if state is not None:
-        with distributed.unwrapped(detector):  # the keys of the bare networks
-            detector.load_state_dict(state["model"])
+        detector.load_state_dict(state["model"])
         for name, opt in detector.optimizers().items():
             opt.load_state_dict(state["optimizers"][name])
-        for name, sched in _schedulers(detector).items():
+        for name, sched in detector.schedulers().items():
             sched.load_state_dict(state["schedulers"][name])
         _set_rng_state(state["rng"], generator, device)
         start_epoch, history, run_id = state["epoch"], state["history"], state["mlflow_run_id"]
         if main:
-            print(f"[train {variant}] resuming after epoch {start_epoch} from {checkpoint}")
+            print(f"[train {tag}] resuming after epoch {start_epoch} from {checkpoint}")
         del state
 
-    run = start_run(variant, run_id) if log_mlflow else contextlib.nullcontext()
+    run = start_run(model, seed, run_id) if log_mlflow else contextlib.nullcontext()
     with run as active:
         if log_mlflow:
             import mlflow
             if active.info.run_id != run_id:  # a new run (or the old one is not in this store)
                 run_id = active.info.run_id
+                reads = TRAIN_READS[model]
                 mlflow.log_params({k: v for k, v in flatten(params).items()
-                                   if not k.startswith("variants.")})
-                mlflow.log_params({"variant": variant, "device": str(device),
+                                   if any(k == r or k.startswith(r + ".") for r in reads)})
+                mlflow.log_params({"model": model, "seed": seed, "device": str(device),
                                    "n_train": len(images)})
                 log_training_data(images, processed_dir / "train.npy", params.data.source)
             _log_missing_epochs(run_id, history)
@@ -348,7 +365,7 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
         for epoch in range(start_epoch, len(phases)):
             detector.train()
             if dist.enabled:  # per-rank sampling (the GAN baselines' z), reproducible on resume
-                torch.manual_seed(distributed.epoch_seed(params.seed, epoch, dist.rank))
+                torch.manual_seed(distributed.epoch_seed(seed, epoch, dist.rank))
             sums: dict[str, float] = {}
             n_batches, waited, tic = 0, 0.0, time.perf_counter()
             batches = iterate_batches(images, batch_size, shuffle=True, generator=generator,
@@ -361,25 +378,22 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
                 waited += time.perf_counter() - wait
                 if x is None:
                     break
-                x = x.contiguous(memory_format=torch.channels_last)
-                with _autocast(device):
-                    losses = detector.train_step(x, phases[epoch])
-                losses = distributed.mean_losses(losses, dist)  # the same on every rank
-                bad = [k for k, v in losses.items() if not np.isfinite(v)]
-                if bad:
+                try:
+                    losses = train_step(detector, x, phases[epoch], device)
+                except Diverged as exc:  # before that optimizer step; nothing saved since the last epoch
                     raise FloatingPointError(
-                        f"[train {variant}] training diverged: loss {bad[0]} is {losses[bad[0]]} "
-                        f"at epoch {epoch + 1}, step {n_batches + 1}; the last good checkpoint "
-                        f"({checkpoint}, after epoch {epoch}) is kept. Lower train.lr or the "
-                        f"lambdas and re-run (a checkpoint of other params is set aside, not "
-                        f"resumed).")
+                        f"[train {tag}] training diverged: {exc} at epoch {epoch + 1}, step "
+                        f"{n_batches + 1}; the last good checkpoint ({checkpoint}, after epoch "
+                        f"{epoch}) is kept. Lower train.lr or the lambdas and re-run (a "
+                        f"checkpoint of other params is set aside, not resumed).") from None
+                losses = distributed.mean_losses(losses, dist)  # the same on every rank
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_batches += 1
             seconds = time.perf_counter() - tic
             means = {f"loss_{k}": v / max(n_batches, 1) for k, v in sums.items()}
             lrs = {f"lr_{k}": opt.param_groups[0]["lr"] for k, opt in detector.optimizers().items()}
-            for sched in _schedulers(detector).values():  # per epoch (pix2pix's schedule)
+            for sched in detector.schedulers().values():  # per epoch (pix2pix's schedule)
                 sched.step()
             row = {"epoch": epoch + 1, "phase": phases[epoch], **means, **lrs,
                    "images_per_s": len(images) / seconds,
@@ -387,7 +401,7 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
             history.append(row)
             if not main:
                 continue
-            print(f"[train {variant}] epoch {epoch + 1}/{len(phases)} ({phases[epoch]}) "
+            print(f"[train {tag}] epoch {epoch + 1}/{len(phases)} ({phases[epoch]}) "
                   + " ".join(f"{k}={v:.4f}" for k, v in means.items())
                   + f" {seconds:.1f}s (data wait {row['data_wait_share']:.1%})")
             # checkpoint first, then MLflow: a kill in between is caught up on resume
@@ -396,14 +410,13 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
             if log_mlflow:
                 mlflow.log_metrics(_row_metrics(row), step=epoch + 1)
 
-    distributed.unwrap_networks(detector)  # the DDP wrappers go before their process group
     if not main:
         distributed.teardown()
         return history
     model_dir.mkdir(parents=True, exist_ok=True)
     trained_on = {"source": params.data.source, "folder": params.data.folder,
                   "n_train": len(images), "fingerprint": data}
-    _save_atomic(model_file(variant, params, image_size, config, detector.state_dict(),
+    _save_atomic(model_file(model, seed, params, image_size, config, detector.state_dict(),
                             trained_on), model_dir / "model.pt")
     (model_dir / "history.json").write_text(json.dumps(history, indent=1))
     (model_dir / "mlflow_run.json").write_text(json.dumps({"run_id": run_id}))
@@ -412,60 +425,57 @@ def train_variant(variant: str, params: Params, processed_dir: Path, model_dir: 
     return history
 
 
-MODEL_FORMAT = 2  # 2: the file holds the params it was trained with (1: weights only)
-TRAINED_SECTIONS = ("seed", "preprocess", "model", "srn", "train", "anogan", "fanogan")
+MODEL_FORMAT = 3  # 3: one file per (model, seed), with the params it was trained with
+TRAINED_SECTIONS = ("preprocess", "model", "srn", "train", "anogan", "fanogan")
 
 
 class Trained(NamedTuple):
     """A trained model as read from its ``model.pt``, ready to score (eval mode)."""
 
     detector: Detector
-    variant: str
+    model: str  # one of sparsegan.params.MODELS
+    seed: int
     image_size: int
-    params: Params  # what it was trained with (``with_scoring`` applied when asked)
+    params: Params  # what it was trained with
     data: dict  # what it was trained on: source, folder, n_train, fingerprint
 
 
-def model_file(variant: str, params: Params, image_size: int, config: str, weights: dict,
-               data: dict) -> dict:
+def model_file(model: str, seed: int, params: Params, image_size: int, config: str,
+               weights: dict, data: dict) -> dict:
     """The content of ``model.pt``: enough to rebuild the detector without any params.yaml
-    (variant, image size, the training params of :data:`TRAINED_SECTIONS`, the preprocessing
-    the scans must get) and what it was trained on (``data``: source, folder, n_train,
-    fingerprint); plain data and tensors only so that it loads with ``weights_only``."""
+    (model, seed, image size, the training params of :data:`TRAINED_SECTIONS`, the
+    preprocessing the scans must get) and what it was trained on (``data``: source, folder,
+    n_train, fingerprint); plain data and tensors only so that it loads with ``weights_only``."""
     stored = {k: v for k, v in dataclasses.asdict(params).items() if k in TRAINED_SECTIONS}
-    return {"format": MODEL_FORMAT, "variant": variant, "image_size": image_size,
+    return {"format": MODEL_FORMAT, "name": model, "seed": seed, "image_size": image_size,
             "config": config, "params": stored, "data": dict(data), "model": weights}
 
 
 def load_trained(model_dir: Path, device: torch.device | None = None, *,
-                 variant: str | None = None, scoring: Params | None = None) -> Trained:
+                 model: str | None = None) -> Trained:
     """The detector of ``model_dir/model.pt``, rebuilt from the params stored in it: the one
-    loader of scoring, evaluation and ``sparsegan predict``. ``variant``: the variant the caller
-    expects (another one is an error); ``scoring``: current params whose scoring-only knobs
-    (:data:`sparsegan.params.SCORING_KNOBS`) replace the stored ones. Read with
-    ``weights_only=True``; an unsafe, foreign, damaged or pre-format-2 file raises
-    CheckpointError naming the file and what to run."""
+    loader of scoring, evaluation and ``sparsegan predict``. ``model``: the model the caller
+    expects (another one is an error). Read with ``weights_only=True``; an unsafe, foreign,
+    damaged or older-format file raises CheckpointError naming the file and what to run."""
     path = Path(model_dir) / "model.pt"
-    what = f"train@{variant}" if variant else "train@<variant>"
+    what = f"train_{model}" if model else "train_<model>"
     if not path.is_file():
         raise CheckpointError(f"{path}: no trained model; run `dvc repro {what}` first")
     state = load_trusted(path, "trained model", ("image_size", "model"))
-    stored = state.get("variant")
-    if "params" not in state or stored is None:
-        raise CheckpointError(f"{path}: a model file from before model files described "
-                              f"themselves (no stored params); re-make it with `dvc repro "
-                              f"{what}`")
-    if variant is not None and stored != variant:
-        raise CheckpointError(f"{path} holds variant {stored!r}, not {variant!r}")
+    if state.get("format") != MODEL_FORMAT:
+        raise CheckpointError(f"{path}: a model file of an older layout (format "
+                              f"{state.get('format', 1)}, this version reads {MODEL_FORMAT}); "
+                              f"re-make it with `dvc repro {what}`")
+    stored = state["name"]
+    if model is not None and stored != model:
+        raise CheckpointError(f"{path} holds model {stored!r}, not {model!r}")
     try:
         params = parse_params(state["params"])
-        if scoring is not None:
-            params = with_scoring(params, scoring)
-        detector = build_detector(check_variant(stored), params, int(state["image_size"]))
+        detector = build_detector(check_model(stored), params, int(state["image_size"]))
         detector.load_state_dict(state["model"])
     except (ParamError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path}: its weights do not fit the architecture it describes "
                               f"({' '.join(str(exc).split())[:120]}); damaged, or made by "
                               f"another version: re-make it with `dvc repro {what}`") from None
-    return Trained(detector.to(device or torch.device("cpu")).eval(), stored,
+    return Trained(detector.to(device or torch.device("cpu")).eval(), stored, int(state["seed"]),
                    int(state["image_size"]), params, dict(state.get("data") or {}))

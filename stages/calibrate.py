@@ -1,16 +1,15 @@
-"""Stage calibrate@<variant>: phi from the validation scores only (eq. 5)."""
+"""Stage calibrate@<row>: phi of every seed's trained model from validation scores only (eq. 5)."""
 
 import sys
 from pathlib import Path
 
 from sparsegan.cli import run_stage
-from sparsegan.metrics import calibrate_variant
+from sparsegan.metrics import calibrate_row
 from sparsegan.params import load_params
 
 
-def main(variant: str) -> None:
-    calibrate_variant(load_params(), Path("scores") / variant,
-                      Path("reports/variants") / variant / "calibration.json")
+def main(row: str) -> None:
+    calibrate_row(row, load_params(), Path("scores"), Path("reports/rows") / row / "calibration")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,16 @@
-"""Stage evaluate@<variant>: test metrics at the validation phi, ROC, pixel AUROC, MLflow."""
+"""Stage evaluate@<row>: test metrics of every seed at its validation phi, their mean and spread."""
 
 import sys
 from pathlib import Path
 
 from sparsegan.cli import run_stage
-from sparsegan.evaluate import evaluate
+from sparsegan.evaluate import evaluate_row
 from sparsegan.params import load_params
 
 
-def main(variant: str) -> None:
-    params = load_params()
-    evaluate(variant, params, Path("data/processed"), Path("scores") / variant,
-             Path("models") / variant, Path("reports/variants") / variant)
+def main(row: str) -> None:
+    evaluate_row(row, load_params(), Path("data/processed"), Path("scores"), Path("models"),
+                 Path("reports/rows") / row)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stage report: all variants in reports/metrics.json, Table 1, figures, galleries, index.html."""
+"""Stage report: all rows in reports/metrics.json, Table 1, figures, galleries, index.html."""
 
 import sys
 from pathlib import Path
@@ -10,7 +10,7 @@ from sparsegan.report import build_report
 
 def main() -> None:
     build_report(load_params(), Path("data/processed"), Path("scores"), Path("models"),
-                 Path("reports/variants"), Path("reports"))
+                 Path("reports/rows"), Path("reports"))
 
 
 if __name__ == "__main__":

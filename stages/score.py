@@ -1,16 +1,18 @@
-"""Stage score@<variant>: anomaly scores of validation and test scans, test anomaly maps."""
+"""Stage score@<model>-<seed>: every score of one trained model, on validation and test scans."""
 
 import sys
 from pathlib import Path
 
 from sparsegan.cli import run_stage
-from sparsegan.scoring import score_variant
-from sparsegan.params import load_params
+from sparsegan.params import check_model, check_seed, load_params
+from sparsegan.scoring import score_model
 
 
-def main(variant: str) -> None:
-    score_variant(variant, load_params(), Path("data/processed"), Path("models") / variant,
-                  Path("scores") / variant)
+def main(model: str, seed: str) -> None:
+    params = load_params()
+    where = Path(check_model(model)) / f"s{check_seed(seed)}"
+    score_model(model, int(seed), params.score, params.train.batch_size, params.train.device,
+                Path("data/processed"), Path("models") / where, Path("scores") / where)
 
 
 if __name__ == "__main__":

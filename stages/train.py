@@ -1,4 +1,4 @@
-"""Stage train@<variant>: train one variant of Table 1 on the normal training scans.
+"""Stage train_<model>@<seed>: train one model of Table 1 from one seed on the normal training scans.
 
 With ``train.nproc_per_node: N`` > 1 the stage re-launches itself under
 ``python -m torch.distributed.run --standalone --nproc_per_node N`` (one process per GPU on CUDA,
@@ -13,12 +13,13 @@ import torch
 
 from sparsegan import distributed
 from sparsegan.cli import StageError, run_stage
-from sparsegan.params import check_variant, load_params
-from sparsegan.train import resolve_device, train_variant
+from sparsegan.params import check_model, check_seed, load_params
+from sparsegan.train import resolve_device, train_model
 
 
-def main(variant: str) -> None:
-    check_variant(variant)
+def main(model: str, seed: str) -> None:
+    check_model(model)
+    seed_value = check_seed(seed)
     params = load_params()
     nproc = params.train.nproc_per_node
     if nproc > 1 and not distributed.under_torchrun():
@@ -26,14 +27,15 @@ def main(variant: str) -> None:
         if device.type == "cuda" and torch.cuda.device_count() < nproc:
             raise StageError(f"train.nproc_per_node = {nproc} but only "
                              f"{torch.cuda.device_count()} CUDA devices are visible; lower it")
-        code = distributed.relaunch(os.path.abspath(__file__), [variant], nproc, device.type)
+        code = distributed.relaunch(os.path.abspath(__file__), [model, seed], nproc, device.type)
         if code:
-            print(f"error: train@{variant} under torchrun ({nproc} processes) failed with exit "
+            print(f"error: train_{model}@{seed} under torchrun ({nproc} processes) failed with exit "
                   f"code {code}; see the messages above", file=sys.stderr)
             sys.exit(code if 0 < code < 256 else 1)
         return
-    train_variant(variant, params, Path("data/processed"), Path("models") / variant,
-                  Path("checkpoints") / variant)
+    where = Path(model) / f"s{seed_value}"
+    train_model(model, seed_value, params, Path("data/processed"), Path("models") / where,
+                Path("checkpoints") / where)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
+from sparsegan.anomaly import anogan_initial_z, anogan_search
 from sparsegan.models import build_detector
 from sparsegan.models.anogan import AnoGAN
 from sparsegan.models.fanogan import FAnoGAN
 from sparsegan.models.gan_parts import Generator, frozen, gradient_penalty
-from sparsegan.params import AnoganParams, FanoganParams, ModelParams, Params
+from sparsegan.params import (AnoganParams, AnoganSearchParams, FanoganParams, ModelParams, Params,
+                              ScoreParams)
+from sparsegan.scoring import score_batch
 
 SIZE = 32
 MODEL = ModelParams(base_channels=4)  # latent map 8x8x8 at 32x32
@@ -32,10 +37,20 @@ def with_lesion(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def anogan(seed: int = 0, **kw) -> AnoGAN:
+def anogan(seed: int = 0) -> AnoGAN:
     torch.manual_seed(seed)
-    return AnoGAN(SIZE, MODEL, AnoganParams(**{"latent_dim": 4, "search_steps": 20,
-                                                "search_lr": 0.1, **kw}))
+    return AnoGAN(SIZE, MODEL, AnoganParams(latent_dim=4))
+
+
+def ano_score(m: AnoGAN, x: torch.Tensor, **knobs):
+    """AnoGAN's score (the latent search, sparsegan.scoring) with search knobs ``knobs``."""
+    search = AnoganSearchParams(**{"search_steps": 20, "search_lr": 0.1, **knobs})
+    return score_batch(m, x, ScoreParams(anogan=search))["search"]
+
+
+def search(m: AnoGAN, x: torch.Tensor, steps: int):
+    return anogan_search(m.generator, m.discriminator, x, m.p.latent_dim, steps, 0.1, "sample",
+                         0.1)
 
 
 def fanogan(seed: int = 0, **kw) -> FAnoGAN:
@@ -141,8 +156,8 @@ def test_anogan_search_lowers_loss_for_every_image():
     x = bands(6)
     fit_generator(m.generator, x, steps=50)  # a G whose output depends on z
     m.eval()
-    _, after_1, _ = m.search(x, steps=1)
-    z, after_20, generated = m.search(x, steps=20)
+    _, after_1, _ = search(m, x, steps=1)
+    z, after_20, generated = search(m, x, steps=20)
     assert (after_20 < 0.99 * after_1).all()
     assert z.shape == (6, 4) and generated.shape == x.shape
 
@@ -152,8 +167,8 @@ def test_anogan_search_is_per_image():
     m = anogan()
     m.eval()
     x = bands(5)
-    batched = m.score(x).score
-    alone = torch.cat([m.score(x[i:i + 1]).score for i in range(5)])
+    batched = ano_score(m, x).score
+    alone = torch.cat([ano_score(m, x[i:i + 1]).score for i in range(5)])
     torch.testing.assert_close(batched, alone, rtol=1e-3, atol=1e-3)
 
 
@@ -163,36 +178,76 @@ def test_anogan_score_shapes_no_grad_and_state_restored():
     before = snapshot(m)
     x = bands(3)
     with torch.no_grad():
-        out = m.score(x)
+        out = ano_score(m, x)
     assert out.score.shape == (3,)
     assert out.reconstruction.shape == out.maps["difference"].shape == (3, 1, SIZE, SIZE)
     torch.testing.assert_close(out.maps["difference"], (x - out.reconstruction).abs())
     assert m.training and m.generator.training and m.discriminator.training
     assert all(p.requires_grad for p in m.parameters()) and same(m, before)
     with torch.inference_mode():
-        torch.testing.assert_close(m.score(x).score, out.score)
+        torch.testing.assert_close(ano_score(m, x).score, out.score)
 
 
 def test_anogan_deterministic():
     x = bands(4)
     a, b = anogan(seed=3), anogan(seed=3)
     a.eval(), b.eval()
-    s = a.score(x).score
-    torch.testing.assert_close(s, b.score(x).score, rtol=0, atol=0)
-    torch.testing.assert_close(s, a.score(x).score, rtol=0, atol=0)
-    r = anogan(seed=3, search_init="zeros")
-    r.eval()
-    torch.testing.assert_close(r.score(x).score, r.score(x).score, rtol=0, atol=0)
+    s = ano_score(a, x).score
+    torch.testing.assert_close(s, ano_score(b, x).score, rtol=0, atol=0)
+    torch.testing.assert_close(s, ano_score(a, x).score, rtol=0, atol=0)
+    zeros = ano_score(a, x, search_init="zeros").score
+    torch.testing.assert_close(zeros, ano_score(a, x, search_init="zeros").score, rtol=0, atol=0)
+    assert not torch.equal(zeros, s)  # the knob reaches the search
+
+
+def test_anogan_score_is_the_search_loss_under_the_score_knobs():
+    """score_batch takes every search knob from ``params.score.anogan`` (model.pt holds none), and
+    its score is L(z*) = (1 - l) sum |x - G(z*)| + l sum |f(x) - f(G(z*))|."""
+    m = anogan()
+    x = bands(6)
+    fit_generator(m.generator, x, steps=50)  # a G whose output depends on z
+    m.eval()
+    x = x[:3]
+    knobs = AnoganSearchParams(search_steps=7, search_lr=0.05, search_init="sample", weight=0.3)
+    out = score_batch(m, x, ScoreParams(anogan=knobs))["search"]
+    z, loss, generated = anogan_search(m.generator, m.discriminator, x, 4, 7, 0.05, "sample", 0.3)
+    torch.testing.assert_close(out.score, loss, rtol=0, atol=0)
+    torch.testing.assert_close(out.reconstruction, generated, rtol=0, atol=0)
+    with torch.no_grad():
+        g = m.generator(z)
+        residual = (x - g).abs().sum(dim=(1, 2, 3))
+        features = (m.discriminator(x)[1] - m.discriminator(g)[1]).abs().sum(dim=(1, 2, 3))
+    torch.testing.assert_close(generated, g)
+    torch.testing.assert_close(out.score, 0.7 * residual + 0.3 * features)
+    # each knob reaches the search: changing any one of them changes the score
+    for change in ({"search_steps": 8}, {"search_lr": 0.2}, {"search_init": "zeros"},
+                   {"weight": 0.1}):
+        other = dataclasses.replace(knobs, **change)
+        assert not torch.equal(score_batch(m, x, ScoreParams(anogan=other))["search"].score,
+                               out.score), change
+
+
+def test_anogan_initial_z_is_one_fixed_row_for_every_image():
+    torch.manual_seed(123)
+    z = anogan_initial_z(4, 6, "sample", "cpu")
+    torch.manual_seed(456)  # the global RNG plays no part
+    assert torch.equal(z, anogan_initial_z(4, 6, "sample", "cpu"))
+    assert z.shape == (4, 6) and (z == z[:1]).all() and z.abs().sum() > 0
+    assert torch.equal(anogan_initial_z(1, 6, "sample", "cpu"), z[:1])  # whatever the batch
+    expected = torch.randn(1, 6, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(z[0], expected[0])  # one draw of N(0, I) seeded with 0
+    assert torch.equal(anogan_initial_z(3, 6, "zeros", "cpu"), torch.zeros(3, 6))
 
 
 def test_anogan_lesion_scores_higher_than_clean():
     """G fitted to reproduce the clean bands (fixed codes, MSE): a bright lesion that G cannot
     draw raises every image's score."""
-    m = anogan(search_steps=30)
+    m = anogan()
     x = bands(8)
     assert fit_generator(m.generator, x) < 0.1
     m.eval()
-    clean, lesion = m.score(x).score, m.score(with_lesion(x)).score
+    clean = ano_score(m, x, search_steps=30).score
+    lesion = ano_score(m, with_lesion(x), search_steps=30).score
     assert (lesion > clean + 20).all()
 
 
@@ -239,8 +294,8 @@ def test_fanogan_score_is_image_mse_plus_kappa_feature_mse():
     m = fanogan(kappa=2.0)
     m.eval()
     x = bands(3)
-    out = m.score(x)
-    assert out.score.shape == (3,)
+    (name, out), = score_batch(m, x).items()
+    assert name == "izif" and out.score.shape == (3,)
     assert out.reconstruction.shape == out.maps["difference"].shape == (3, 1, SIZE, SIZE)
     with torch.no_grad():
         rec = m.generator(m.encoder(x))
@@ -261,5 +316,5 @@ def test_fanogan_deterministic():
         for phase in ("gan", "gan", "encoder"):
             m.train_step(x, phase)
         m.eval()
-        scores.append(m.score(x).score)
+        scores.append(score_batch(m, x)["izif"].score)
     torch.testing.assert_close(scores[0], scores[1], rtol=0, atol=0)

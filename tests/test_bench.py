@@ -43,7 +43,7 @@ def test_jobs_report_every_figure(tmp_path):
     assert pre["speedup_vs_plain"] > 0 and pre["ours_images_per_s"] > 0
     data = str(tmp_path / "processed" / "bench.npy")
     assert np.load(data).shape == (4, 1, 32, 32)
-    job = bench.variant_job("fanogan", 32, 2, 2, data, "cpu", train_seconds=0.0,
+    job = bench.model_job("fanogan", 32, 2, 2, data, "cpu", train_seconds=0.0,
                             train_min_steps=1, score_batch=2, score_seconds=0.0)
     assert set(job["phases"]) == {"gan", "encoder"}
     for key in ("train_images_per_s", "train_gflops_per_image", "train_achieved_gflops",
@@ -57,7 +57,7 @@ def test_jobs_report_every_figure(tmp_path):
                           "device": "cpu"},
               "peak": peak, "preprocess": pre, "data_wait": wait,
               "train": {"default": {"size": 32, "base_channels": 4, "batch": 4,
-                                    "variants": {"sparse_gan": job}}},
+                                    "models": {"sparse_gan": job}}},
               "ablations": {"all_measures": 2.0, "one_thread": 1.0},
               "pipeline": {"ratio": 0.2, "exp_run": "dvc exp run -S train.lambda_sp=25",
                            "full_repro_s": 600.0}}
@@ -67,7 +67,7 @@ def test_jobs_report_every_figure(tmp_path):
     # of 10 and a conv rate of 40 is 75% of peak, not 300%
     fast = {**result, "peak": {**peak, "matmul_fp32_gflops": 10.0, "conv_fp32_gflops": 40.0},
             "train": {"default": {**result["train"]["default"],
-                                  "variants": {"sparse_gan": {**job,
+                                  "models": {"sparse_gan": {**job,
                                                               "train_achieved_gflops": 30.0}}}}}
     table = bench.markdown(fast)
     assert "**75%**" in table and "300%" not in table

@@ -1,5 +1,5 @@
 """phi (eq. 5) for each calibration criterion equals the value worked out by hand, and
-calibrate_variant saves phi, the criterion and the validation operating point."""
+calibrate_row saves, per seed, phi, the criterion and the validation operating point."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from sklearn.metrics import roc_auc_score
 
-from sparsegan.metrics import (aggregate_patients, calibrate_phi, calibrate_variant,
+from sparsegan.metrics import (aggregate_patients, calibrate_phi, calibrate_row, calibrate_scores,
                                candidate_thresholds, detection_metrics)
 from sparsegan.params import CalibrateParams, Params
 
@@ -98,11 +98,11 @@ def test_rejects_one_class_unknown_criterion_and_nan():
 
 @pytest.mark.parametrize("criterion,target,phi", [("accuracy", 0.95, 1.70), ("youden", 0.95, 0.60),
                                                   ("sensitivity", 0.5, 0.90)])
-def test_calibrate_variant_saves_phi_criterion_and_validation_point(tmp_path, criterion, target,
-                                                                    phi):
+def test_calibrate_row_saves_phi_criterion_and_validation_point(tmp_path, criterion, target,
+                                                                phi):
     labels, scores = shuffled()
-    scores_dir = tmp_path / "scores"
-    scores_dir.mkdir()
+    scores_dir = tmp_path / "scores" / "pix2pix" / "s4" / "image"  # row pix2pix_image, seed 4
+    scores_dir.mkdir(parents=True)
     pd.DataFrame({"path": [f"s{i}.jpeg" for i in range(len(labels))], "label": labels,
                   "class": np.where(labels == 1, "CNV", "NORMAL"),
                   "patient": np.arange(len(labels)), "score": scores}).to_csv(
@@ -111,11 +111,16 @@ def test_calibrate_variant_saves_phi_criterion_and_validation_point(tmp_path, cr
     pd.DataFrame({"path": ["t0", "t1"], "label": [1, 0], "class": ["CNV", "NORMAL"],
                   "patient": [0, 1], "score": [0.0, 9.0]}).to_csv(scores_dir / "test.csv",
                                                                   index=False)
-    params = Params(calibrate=CalibrateParams(criterion=criterion, target_sensitivity=target))
-    out = tmp_path / "reports" / "calibration.json"
-    result = calibrate_variant(params, scores_dir, out)
-    saved = json.loads(out.read_text())
-    assert saved == result
+    params = Params(seeds=(4,),
+                    calibrate=CalibrateParams(criterion=criterion, target_sensitivity=target))
+    out = tmp_path / "reports" / "calibration"
+    result = calibrate_row("pix2pix_image", params, tmp_path / "scores", out)
+    saved = json.loads((out / "s4.json").read_text())
+    assert saved == result[4] and sorted(p.name for p in out.iterdir()) == ["s4.json"]
+    # what predict needs to rebuild the row: its trained model, score, seed and scoring knobs
+    assert (saved["row"], saved["model"], saved["score"], saved["seed"]) == (
+        "pix2pix_image", "pix2pix", "image", 4)
+    assert saved["score_params"]["anogan"]["search_steps"] == params.score.anogan.search_steps
     assert saved["phi"] == pytest.approx(phi)
     assert saved["criterion"] == criterion
     expected_point = detection_metrics(labels, scores, phi)
@@ -125,6 +130,45 @@ def test_calibrate_variant_saves_phi_criterion_and_validation_point(tmp_path, cr
     assert ("target_sensitivity" in saved) == (criterion == "sensitivity")
     if criterion == "sensitivity":
         assert saved["target_sensitivity"] == target
+
+
+def _val_csv(scores_dir, labels, scores) -> None:
+    scores_dir.mkdir(parents=True)
+    pd.DataFrame({"path": [f"s{i}.jpeg" for i in range(len(labels))], "label": labels,
+                  "class": np.where(labels == 1, "CNV", "NORMAL"),
+                  "patient": np.arange(len(labels)), "score": scores}).to_csv(
+        scores_dir / "val.csv", index=False)
+
+
+def test_calibrate_row_calibrates_each_seed_on_its_own_scores(tmp_path):
+    """One file per seed of params.seeds, each phi from that seed's scores of the row's (model,
+    score) only: the other score of the same model and a seed not in params.seeds are not read."""
+    labels, scores = shuffled()
+    root = tmp_path / "scores"
+    _val_csv(root / "sparse_gan" / "s0" / "latent", labels, scores)
+    _val_csv(root / "sparse_gan" / "s2" / "latent", labels, scores + 10.0)  # phi moves by 10
+    _val_csv(root / "sparse_gan" / "s0" / "image", labels, -scores)  # the other score
+    _val_csv(root / "sparse_gan" / "s1" / "latent", labels, scores * 0)  # not a seed of params
+    params = Params(seeds=(2, 0), calibrate=CalibrateParams(criterion="accuracy"))
+    out = tmp_path / "reports" / "rows" / "sparse_gan" / "calibration"
+    result = calibrate_row("sparse_gan", params, root, out)
+    assert list(result) == [2, 0]
+    assert sorted(p.name for p in out.iterdir()) == ["s0.json", "s2.json"]
+    for seed, phi in ((0, 1.70), (2, 11.70)):
+        saved = json.loads((out / f"s{seed}.json").read_text())
+        assert saved == result[seed]
+        assert (saved["row"], saved["model"], saved["score"], saved["seed"]) == (
+            "sparse_gan", "sparse_gan", "latent", seed)
+        assert saved["phi"] == pytest.approx(phi)
+    assert result[0]["validation"] == pytest.approx(result[2]["validation"])
+
+    from sparsegan.params import ParamError
+    with pytest.raises(ParamError, match="unknown row 'pix2pix_image'"):
+        calibrate_row("pix2pix_image", Params(rows={"sparse_gan": ("sparse_gan", "latent")}),
+                      root, tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()
+    with pytest.raises(FileNotFoundError):  # a seed that was never scored: no silent skip
+        calibrate_row("sparse_gan", Params(seeds=(0, 5)), root, tmp_path / "five")
 
 
 def test_patients_aggregate_their_scans_and_unknown_scans_stand_alone():
@@ -140,7 +184,7 @@ def test_patients_aggregate_their_scans_and_unknown_scans_stand_alone():
 def test_patient_rule_is_chosen_on_validation_and_applied_to_test_patients(tmp_path):
     """Diseased patients have one strongly abnormal scan among normal-looking ones: max beats
     mean on validation, so max is chosen, and test reports one decision per patient."""
-    from sparsegan.evaluate import evaluate_variant
+    from sparsegan.evaluate import seed_metrics
     from sparsegan.metrics import calibrate_patients
 
     rng = np.random.default_rng(0)
@@ -160,15 +204,15 @@ def test_patient_rule_is_chosen_on_validation_and_applied_to_test_patients(tmp_p
     rule = calibrate_patients(val["patient"], val["label"], val["score"], "youden", 0.95)
     assert rule["aggregation"] == "max" and rule["n_patients"] == 40
     assert rule["val_auc_by_aggregation"]["max"] > rule["val_auc_by_aggregation"]["mean"]
-    scores_dir, report = tmp_path / "scores", tmp_path / "report"
+    scores_dir = tmp_path / "scores"
     scores_dir.mkdir()
     val.to_csv(scores_dir / "val.csv", index=False)
     test.to_csv(scores_dir / "test.csv", index=False)
     (scores_dir / "timing.json").write_text(json.dumps({"test_images_per_s": 1.0}))
-    calibration = calibrate_variant(Params(calibrate=CalibrateParams(criterion="youden")),
-                                    scores_dir, report / "calibration.json")
+    calibration = calibrate_scores(Params(calibrate=CalibrateParams(criterion="youden")),
+                                   scores_dir)
     assert calibration["patient"]["aggregation"] == "max"
-    m = evaluate_variant("autoencoder", scores_dir, report, None, n_boot=50)
+    m, _ = seed_metrics(scores_dir, calibration, None, n_boot=50)
     assert m["patient_aggregation"] == "max" and m["test_patient_count"] == 30
     _, y, s = aggregate_patients(test["patient"], test["label"], test["score"], "max")
     assert m["test_patient_auc"] == pytest.approx(roc_auc_score(y, s))
@@ -187,5 +231,5 @@ def test_the_map_shown_is_the_best_on_validation_masks(tmp_path):
     pd.DataFrame({"label": [0, 1, 0, 1], "score": [0.1, 0.9, 0.2, 0.8],
                   "patient": ["a", "b", "c", "d"]}).to_csv(scores_dir / "val.csv", index=False)
     (scores_dir / "val_localisation.json").write_text(json.dumps({"aam": 0.2, "difference": 0.7}))
-    result = calibrate_variant(Params(), scores_dir, tmp_path / "calibration.json")
+    result = calibrate_scores(Params(), scores_dir)
     assert result["map"] == "difference" and result["val_pixel_auroc"]["aam"] == 0.2

@@ -2,17 +2,17 @@
 
 The stage ``stages/train.py`` with ``train.nproc_per_node: 2`` re-launches itself under torchrun:
 two CPU processes (gloo), each reading its shard of every shuffled batch (4 of the global 8),
-every network wrapped in DistributedDataParallel, rank 0 writing the checkpoint, the model and
-the MLflow run. Its model must equal the one of ``train_variant`` in one process with the same
-global batch. Batch norm would normalise each rank's 4 images with their own statistics
+the gradients averaged over the ranks in every optimizer step (the detectors' update path), rank
+0 writing the checkpoint, the model and the MLflow run. Its model must equal the one of
+``train_model`` in one process with the same global batch. Batch norm would normalise each rank's 4 images with their own statistics
 (SyncBatchNorm exists on CUDA only), so the test uses ``model.norm: none``, where equality must
 hold up to float rounding.
 
 For every kind of detector (Sparse-GAN; AnoGAN and f-AnoGAN, whose per-rank z differ from a
-single process's), 2 gloo ranks check that the networks are DDP-wrapped while they train and that
-the DDP-trained detector equals a bare one whose gradients are averaged over the ranks by hand
-before each optimizer step: several forwards per backward, frozen networks called bare, the SRN's
-dictionary used outside ``forward`` and f-AnoGAN's gradient penalty (double backward) included.
+single process's), 2 gloo ranks check that a detector told to distribute (``distribute``) trains
+like a plain one whose gradients are averaged over the ranks by hand before each optimizer step:
+several forwards per backward, frozen networks, the SRN's dictionary used outside ``forward`` and
+f-AnoGAN's gradient penalty (double backward) included.
 Also unit checks of the sharding (DistributedSampler's rule) and of the loss averaging.
 """
 
@@ -34,12 +34,12 @@ import yaml
 from sparsegan import distributed
 from sparsegan.data.dataset import iterate_batches
 from sparsegan.params import parse_params
-from sparsegan.train import load_trusted, train_variant
+from sparsegan.train import load_trusted, train_model
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANT = "sparse_gan"  # G + D + SRN: every kind of step the reconstruction variants take
+MODEL = "sparse_gan"  # G + D + SRN: every kind of step the reconstruction models take
+SEED = 3
 PARAMS = {
-    "seed": 3,
     "data": {"image_size": 32},
     "model": {"base_channels": 4, "norm": "none"},
     "train": {"epochs": 2, "batch_size": 8, "num_threads": 1, "device": "cpu",
@@ -73,26 +73,27 @@ def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(tmp_path
            if not k.startswith("MLFLOW_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), VARIANT], cwd=repo,
+    proc = subprocess.run([sys.executable, str(REPO / "stages" / "train.py"), MODEL, str(SEED)],
+                          cwd=repo,
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "launching 2 processes" in proc.stderr  # the stage re-launched itself under torchrun
-    # rank 0 reports the DDP-wrapped networks, once
-    assert proc.stderr.count("DistributedDataParallel over 2 processes: encoder, decoder, "
-                             "discriminator, srn") == 1, proc.stderr[-3000:]
+    # rank 0 reports the data-parallel training, once
+    assert proc.stderr.count("data parallel over 2 processes") == 1, proc.stderr[-3000:]
     assert proc.stdout.count("epoch 2/2") == 1  # rank 0 alone reports
-    ddp = load_trusted(repo / "models" / VARIANT / "model.pt", "model", ("model",))["model"]
-    history = json.loads((repo / "models" / VARIANT / "history.json").read_text())
-    assert json.loads((repo / "models" / VARIANT / "mlflow_run.json").read_text())["run_id"]
-    assert not (repo / "checkpoints" / VARIANT / "checkpoint.pt").exists()
+    where = Path(MODEL) / f"s{SEED}"
+    ddp = load_trusted(repo / "models" / where / "model.pt", "model", ("model",))["model"]
+    history = json.loads((repo / "models" / where / "history.json").read_text())
+    assert json.loads((repo / "models" / where / "mlflow_run.json").read_text())["run_id"]
+    assert not (repo / "checkpoints" / where / "checkpoint.pt").exists()
 
     # one process, the same global batch of 8, the same seed and shuffle
     params = parse_params({**PARAMS, "train": {**PARAMS["train"], "nproc_per_node": 1}})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single_history = train_variant(VARIANT, params, processed, tmp_path / "single",
-                                       tmp_path / "ckpt", log_mlflow=False)
+        single_history = train_model(MODEL, SEED, params, processed, tmp_path / "single",
+                                     tmp_path / "ckpt", log_mlflow=False)
     finally:
         torch.set_num_threads(threads)
     single = load_trusted(tmp_path / "single" / "model.pt", "model", ("model",))["model"]
@@ -113,8 +114,8 @@ def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(tmp_path
 
 def _initial_state(params) -> dict:
     from sparsegan.models import build_detector
-    torch.manual_seed(params.seed)
-    return build_detector(VARIANT, params, 32).state_dict()
+    torch.manual_seed(SEED)
+    return build_detector(MODEL, params, 32).state_dict()
 
 
 def test_shards_partition_every_global_batch_like_distributed_sampler():
@@ -167,15 +168,15 @@ def test_losses_are_averaged_over_ranks(tmp_path):
         assert torch.load(tmp_path / f"{rank}.pt") == {"a": 0.5, "b": 2.0}
 
 
-# variant -> (its phases, the networks DDP must wrap)
-DDP_VARIANTS = {
-    "sparse_gan": (["generator"] * 3, ["encoder", "decoder", "discriminator", "srn"]),
-    "anogan": (["gan"] * 3, ["generator", "discriminator"]),
+# model -> its phases
+DDP_MODELS = {
+    "sparse_gan": ["generator"] * 3,
+    "anogan": ["gan"] * 3,
     # n_critic 2: G steps at critic steps 2 and 4; then the encoder phase (G and critic frozen)
-    "fanogan": (["gan"] * 4 + ["encoder"] * 2, ["generator", "critic", "encoder"]),
+    "fanogan": ["gan"] * 4 + ["encoder"] * 2,
 }
-# batch norm (the default) included: per-rank statistics, for the DDP run and the reference alike
-DDP_PARAMS = {"seed": 5, "model": {"base_channels": 4, "norm": "batch"},
+# batch norm (the default) included: per-rank statistics, for both detectors alike
+DDP_PARAMS = {"model": {"base_channels": 4, "norm": "batch"},
               "train": {"lr": 1e-3}, "anogan": {"latent_dim": 8, "lr": 1e-3},
               "fanogan": {"latent_dim": 8, "lr": 1e-3, "n_critic": 2}}
 
@@ -189,83 +190,88 @@ def _average_gradients(optimizer, args, kwargs) -> None:
                 p.grad.div_(2)
 
 
-def _variant_worker(rank: int, port: int, out: str) -> None:
-    from torch.nn.parallel import DistributedDataParallel
-
+def _model_worker(rank: int, port: int, out: str) -> None:
     from sparsegan.models import build_detector
 
     info = _setup_worker(rank, port)
     params = parse_params(DDP_PARAMS)
     device = torch.device("cpu")
     result = {}
-    for variant, (phases, networks) in DDP_VARIANTS.items():
-        torch.manual_seed(params.seed)
-        ddp = distributed.prepare_model(build_detector(variant, params, 32), device, info)
-        torch.manual_seed(params.seed)
-        reference = distributed.prepare_model(build_detector(variant, params, 32), device, info)
+    for model, phases in DDP_MODELS.items():
+        torch.manual_seed(5)
+        distributed_ = distributed.prepare_model(build_detector(model, params, 32), device, info)
+        distributed_.distribute(info)
+        torch.manual_seed(5)
+        reference = distributed.prepare_model(build_detector(model, params, 32), device, info)
         initial = {k: v.clone() for k, v in reference.state_dict().items()}
-        wrapped = distributed.wrap_networks(ddp, device, info)
         for opt in reference.optimizers().values():
             opt.register_step_pre_hook(_average_gradients)
         data = torch.Generator().manual_seed(100 + rank)  # each rank its own images
-        kinds = set()
         for step, phase in enumerate(phases):
             x = torch.rand(4, 1, 32, 32, generator=data) * 2 - 1
-            for detector in (ddp, reference):
+            for detector in (distributed_, reference):
                 torch.manual_seed(1000 * step + rank)  # the same per-rank z, alpha for both
                 losses = detector.train_step(x, phase)
-            kinds.add(tuple(type(getattr(ddp, n)).__name__ for n in networks))
-        with distributed.unwrapped(ddp):
-            inside = [type(getattr(ddp, n)) for n in networks]
-            state = {k: v.clone() for k, v in ddp.state_dict().items()}
-            parameters = [name for name, _ in ddp.named_parameters()]
-        # a checkpoint's model (bare keys) loads into a freshly wrapped detector, as on resume
-        torch.manual_seed(0)
-        resumed = build_detector(variant, params, 32)
-        distributed.wrap_networks(resumed, device, info)
-        with distributed.unwrapped(resumed):
-            resumed.load_state_dict(state)
-        reloaded = all(torch.equal(a, b) for a, b in zip(resumed.parameters(), ddp.parameters(),
-                                                          strict=True))
-        distributed.unwrap_networks(resumed)
-        result[variant] = {
-            "wrapped": wrapped, "kinds": sorted(kinds), "losses": losses, "reloaded": reloaded,
-            "parameters": parameters,
-            "wrapped_again": all(isinstance(getattr(ddp, n), DistributedDataParallel)
-                                 for n in networks),
-            "bare_inside": all(t is not DistributedDataParallel for t in inside),
-            "ddp": state, "reference": reference.state_dict(), "initial": initial}
-        distributed.unwrap_networks(ddp)
+        result[model] = {
+            "losses": losses, "parameters": [n for n, _ in distributed_.named_parameters()],
+            "ddp": distributed_.state_dict(), "reference": reference.state_dict(),
+            "initial": initial}
     torch.save(result, f"{out}/{rank}.pt")
     distributed.teardown()
 
 
-def test_every_variant_trains_ddp_wrapped_like_hand_averaged_gradients(tmp_path):
-    torch.multiprocessing.spawn(_variant_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+def test_every_model_trains_like_hand_averaged_gradients(tmp_path):
+    torch.multiprocessing.spawn(_model_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
-    for variant, (_, networks) in DDP_VARIANTS.items():
+    for model in DDP_MODELS:
         for got in ranks:
-            assert got[variant]["wrapped"] == networks, variant
-            # DDP wrappers all along the training, bare networks inside `unwrapped` only
-            assert got[variant]["kinds"] == [tuple(["DistributedDataParallel"] * len(networks))]
-            assert got[variant]["wrapped_again"] and got[variant]["bare_inside"], variant
-            assert got[variant]["reloaded"], variant
-            ddp, reference = got[variant]["ddp"], got[variant]["reference"]
-            assert ddp.keys() == reference.keys()  # no "module." in the keys
+            ddp, reference = got[model]["ddp"], got[model]["reference"]
+            assert ddp.keys() == reference.keys()
             moved = 0.0
             for key, value in reference.items():
                 if value.is_floating_point():
                     torch.testing.assert_close(ddp[key], value, atol=1e-6, rtol=1e-5,
-                                               msg=f"{variant} {key}")
-                    moved = max(moved, float((value - got[variant]["initial"][key]).abs().max()))
+                                               msg=f"{model} {key}")
+                    moved = max(moved, float((value - got[model]["initial"][key]).abs().max()))
                 else:
-                    assert torch.equal(ddp[key], value), (variant, key)
-            assert moved > 1e-3, variant  # it trained, far beyond the tolerance
+                    assert torch.equal(ddp[key], value), (model, key)
+            assert moved > 1e-3, model  # it trained, far beyond the tolerance
         # the ranks saw different images, yet hold the same parameters: the gradients were
         # averaged (without it the replicas would drift apart); BN statistics are per rank
-        assert any("running_mean" in key for key in ranks[0][variant]["ddp"]), variant
-        first, second = ranks[0][variant]["ddp"], ranks[1][variant]["ddp"]
-        for key in ranks[0][variant]["parameters"]:
+        assert any("running_mean" in key for key in ranks[0][model]["ddp"]), model
+        first, second = ranks[0][model]["ddp"], ranks[1][model]["ddp"]
+        for key in ranks[0][model]["parameters"]:
             torch.testing.assert_close(second[key], first[key], atol=1e-6, rtol=1e-5,
-                                       msg=f"{variant} {key}")
-        assert ranks[0][variant]["losses"] != ranks[1][variant]["losses"], variant
+                                       msg=f"{model} {key}")
+        assert ranks[0][model]["losses"] != ranks[1][model]["losses"], model
+
+
+def _diverge_worker(rank: int, port: int, out: str) -> None:
+    from sparsegan.models import build_detector
+    from sparsegan.models.base import Diverged
+
+    info = _setup_worker(rank, port)
+    params = parse_params({"model": {"base_channels": 4, "norm": "none"}})
+    torch.manual_seed(0)
+    detector = build_detector("autoencoder", params, 32)
+    detector.distribute(info)
+    before = {k: v.clone() for k, v in detector.state_dict().items()}
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    if rank == 1:
+        x[0, 0, 0, 0] = float("nan")  # one rank's batch poisons its loss
+    try:
+        detector.train_step(x, "generator")
+        raised = ""
+    except Diverged as exc:
+        raised = str(exc)
+    unchanged = all(torch.equal(before[k], v) for k, v in detector.state_dict().items())
+    torch.save({"raised": raised, "unchanged": unchanged}, f"{out}/{rank}.pt")
+    distributed.teardown()
+
+
+def test_a_nan_on_one_rank_stops_every_rank_before_the_step(tmp_path):
+    torch.multiprocessing.spawn(_diverge_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        assert got["raised"] == "the generator step's loss is nan", (rank, got)
+        assert got["unchanged"], rank  # no optimizer step was taken on either rank

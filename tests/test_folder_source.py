@@ -231,8 +231,8 @@ def test_missing_folder_and_no_tree_errors(tmp_path):
 
 def test_real_study_groups_runs_of_20_renamed_files(tmp_path):
     import importlib.util
-    spec = importlib.util.spec_from_file_location("real_study", Path(__file__).parent.parent
-                                                  / "scripts" / "real_study.py")
+    spec = importlib.util.spec_from_file_location("study", Path(__file__).parent.parent
+                                                  / "scripts" / "study.py")
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     root = tmp_path / "tree"

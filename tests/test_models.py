@@ -1,4 +1,4 @@
-"""Behaviour of the Sparse-GAN networks, losses, scores and the reconstruction-based variants.
+"""Behaviour of the Sparse-GAN networks, losses, scores and the reconstruction-based models.
 
 Everything runs on CPU at small sizes (32x32, base width 8) except the shape test, which checks
 the paper's 224x224 -> 1024x7x7 latent.
@@ -14,8 +14,9 @@ import torch
 from sklearn.linear_model import Lasso
 from torch import nn
 
-from sparsegan.models.anomaly import (anomaly_activation_map, image_anomaly_score,
-                                      latent_anomaly_score, residual_activation_map)
+from sparsegan.anomaly import (anomaly_activation_map, image_anomaly_score, latent_anomaly_score,
+                               residual_activation_map)
+from sparsegan.scoring import score_batch
 from sparsegan.models.losses import discriminator_loss, sparse_coding_loss
 from sparsegan.models.networks import (Decoder, Encoder, SparsityRegularizationNet, latent_shape,
                                        num_blocks)
@@ -26,9 +27,9 @@ SMALL = 32  # image size of the training tests: 2 blocks, latent 8x8
 BASE = 8  # base width of the training tests: latent channels 16
 
 
-def make_detector(variant: str, seed: int = 0, **train_kw) -> ReconstructionDetector:
+def make_detector(model: str, seed: int = 0, **train_kw) -> ReconstructionDetector:
     torch.manual_seed(seed)
-    return ReconstructionDetector(CONFIGS[variant], SMALL, ModelParams(base_channels=BASE),
+    return ReconstructionDetector(CONFIGS[model], SMALL, ModelParams(base_channels=BASE),
                                   TrainParams(**train_kw))
 
 
@@ -235,37 +236,36 @@ def test_autoencoder_has_no_srn_and_no_discriminator():
     assert set(gan.train_step(layered_batch(4), "generator")) == {"d", "re", "adv", "sp", "g"}
 
 
-@pytest.mark.parametrize("variant,calls", [("autoencoder", 1), ("pix2pix_image", 1),
-                                           ("pix2pix_latent", 2), ("sparse_gan", 2)])
-def test_score_computes_h_re_with_the_same_encoder_module(variant, calls):
-    det = make_detector(variant).eval()
+@pytest.mark.parametrize("model", ["autoencoder", "pix2pix", "sparse_gan"])
+def test_scores_compute_h_re_with_the_same_encoder_module(model):
+    det = make_detector(model).eval()
     inputs: list[torch.Tensor] = []
     handle = det.encoder.register_forward_hook(lambda mod, args, out: inputs.append(args[0]))
     x = layered_batch(3)
-    out = det.score(x)
+    scores = score_batch(det, x)
     handle.remove()
-    assert len(inputs) == calls
-    assert torch.equal(inputs[0], x)
-    if calls == 2:  # H_re = E(I_re) with E = G_en: the second call reads the reconstruction
-        assert torch.equal(inputs[1], out.reconstruction)
-        with torch.no_grad():
-            expected = (det.encoder(x) - det.encoder(out.reconstruction)).flatten(1).norm(dim=1)
-        torch.testing.assert_close(out.score, expected)
-        assert set(out.maps) == {"difference", "aam", "aam_residual"}
-    else:
-        expected = (x - out.reconstruction).square().flatten(1).mean(1)
-        torch.testing.assert_close(out.score, expected)
-        assert set(out.maps) == {"difference"}
-    assert out.score.shape == (3,)
+    assert set(scores) == {"image", "latent"}  # both levels from one pass
+    latent, image = scores["latent"], scores["image"]
+    assert len(inputs) == 2 and torch.equal(inputs[0], x)
+    # H_re = E(I_re) with E = G_en: the second call reads the reconstruction
+    assert torch.equal(inputs[1], latent.reconstruction)
+    with torch.no_grad():
+        expected = (det.encoder(x) - det.encoder(latent.reconstruction)).flatten(1).norm(dim=1)
+    torch.testing.assert_close(latent.score, expected)
+    assert set(latent.maps) == {"difference", "aam", "aam_residual"}
+    torch.testing.assert_close(image.score, (x - image.reconstruction).square().flatten(1).mean(1))
+    assert set(image.maps) == {"difference"}
+    assert torch.equal(image.reconstruction, latent.reconstruction)
+    assert latent.score.shape == image.score.shape == (3,)
 
 
 def _count(module: nn.Module | None) -> int:
     return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("variant", sorted(CONFIGS))
-def test_there_is_no_separate_encoder_parameter_set(variant):
-    det = make_detector(variant)
+@pytest.mark.parametrize("model", sorted(CONFIGS))
+def test_there_is_no_separate_encoder_parameter_set(model):
+    det = make_detector(model)
     total = _count(det)
     parts = _count(det.encoder) + _count(det.decoder) + _count(det.discriminator) + _count(det.srn)
     assert total == parts
@@ -283,9 +283,9 @@ def test_there_is_no_separate_encoder_parameter_set(variant):
 
 # ------------------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("variant", ["autoencoder", "sparse_gan"])
-def test_training_steps_lower_reconstruction_loss_on_a_fixed_batch(variant):
-    det = make_detector(variant).train()
+@pytest.mark.parametrize("model", ["autoencoder", "sparse_gan"])
+def test_training_steps_lower_reconstruction_loss_on_a_fixed_batch(model):
+    det = make_detector(model).train()
     x = layered_batch(8)
     re = [det.train_step(x, "generator")["re"] for _ in range(30)]
     assert all(math.isfinite(v) for v in re)
@@ -301,7 +301,7 @@ def test_lr_schedule_is_pix2pix_constant_then_linear_decay():
     assert [lr_schedule(4, 0.0)(e) for e in range(4)] == [1.0] * 4  # 0: constant
 
 
-def test_schedulers_step_every_optimizer_of_a_variant():
+def test_schedulers_step_every_optimizer_of_a_model():
     det = make_detector("sparse_gan", epochs=4, lr=0.01, lr_decay=0.5).train()
     lrs, x = [], layered_batch(4)
     for _ in range(4):  # an "epoch" of one step, then the loop's per-epoch scheduler step
@@ -319,7 +319,7 @@ def _train_and_score(seed: int) -> torch.Tensor:
     for _ in range(3):
         det.train_step(x, "generator")
     det.eval()
-    return det.score(layered_batch(4, seed=1)).score
+    return score_batch(det, layered_batch(4, seed=1))["latent"].score
 
 
 def test_two_cpu_runs_with_the_same_seed_give_identical_scores():
@@ -400,28 +400,26 @@ def test_discriminator_loss_is_zero_for_a_perfect_d_and_log2_at_chance():
     assert float(discriminator_loss(-big, big)) > 10  # and large for a fooled D
 
 
-def test_model_file_rebuilds_its_detector_and_takes_only_scoring_knobs_from_current_params(
-        tmp_path):
-    """model.pt describes its architecture: loading it ignores the current params' model and
-    training knobs (another width, latent size) but uses their scoring-only knobs."""
+def test_model_file_rebuilds_its_detector_whatever_the_current_params(tmp_path):
+    """model.pt describes its architecture, model and seed: loading it needs no params (another
+    width or latent size in params.yaml changes nothing), and it holds no scoring knob (those
+    come from params.score when scoring)."""
     from sparsegan.models import build_detector
     from sparsegan.params import AnoganParams, Params
     from sparsegan.train import load_trained, model_file
 
-    trained = Params(model=ModelParams(base_channels=4),
-                     anogan=AnoganParams(latent_dim=8, search_steps=3))
+    trained = Params(model=ModelParams(base_channels=4), anogan=AnoganParams(latent_dim=8))
     torch.manual_seed(0)
     detector = build_detector("anogan", trained, 32)
     (tmp_path / "anogan").mkdir()
-    torch.save(model_file("anogan", trained, 32, "x", detector.state_dict(),
+    torch.save(model_file("anogan", 7, trained, 32, "x", detector.state_dict(),
                           {"source": "folder", "n_train": 10}),
                tmp_path / "anogan" / "model.pt")
-    current = Params(model=ModelParams(base_channels=16),
-                     anogan=AnoganParams(latent_dim=64, search_steps=7, weight=0.3))
-    m = load_trained(tmp_path / "anogan", variant="anogan", scoring=current)
-    assert (m.variant, m.image_size, m.data) == ("anogan", 32, {"source": "folder", "n_train": 10})
+    m = load_trained(tmp_path / "anogan", model="anogan")
+    assert (m.model, m.seed, m.image_size, m.data) == ("anogan", 7, 32,
+                                                       {"source": "folder", "n_train": 10})
     assert m.params.model.base_channels == 4 and m.params.anogan.latent_dim == 8
-    assert m.params.anogan.search_steps == 7 and m.params.anogan.weight == 0.3
     for a, b in zip(m.detector.state_dict().values(), detector.state_dict().values()):
         assert torch.equal(a, b)
-    assert load_trained(tmp_path / "anogan").params.anogan.search_steps == 3
+    stored = torch.load(tmp_path / "anogan" / "model.pt", weights_only=True)
+    assert stored["format"] == 3 and stored["name"] == "anogan" and "score" not in stored["params"]

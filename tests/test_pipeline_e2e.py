@@ -14,9 +14,13 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ["autoencoder", "anogan", "fanogan", "pix2pix_image", "pix2pix_latent", "sparse_gan"]
+SEEDS = [0, 1]  # two training seeds: the report's mean and spread, one train stage per seed
+ROWS = ["autoencoder", "anogan", "fanogan", "pix2pix_image", "pix2pix_latent", "sparse_gan",
+        "autoencoder_latent", "sparse_gan_image"]
+MODELS = ["autoencoder", "pix2pix", "sparse_gan", "anogan", "fanogan"]
 
 TINY = {
+    "seeds": SEEDS,
     "data": {"image_size": 32,
              "synthetic": {"train_normal": 48, "train_per_disease": 12, "test_per_class": 8,
                            "scans_per_patient": 2, "workers": 1},
@@ -24,8 +28,9 @@ TINY = {
     "preprocess": {"workers": 1},
     "model": {"base_channels": 4},
     "train": {"epochs": 1, "batch_size": 16, "num_threads": 1},
-    "anogan": {"epochs": 1, "search_steps": 3},
+    "anogan": {"epochs": 1},
     "fanogan": {"epochs": 1, "encoder_epochs": 1, "n_critic": 2},
+    "score": {"anogan": {"search_steps": 3}},
 }
 
 
@@ -61,76 +66,143 @@ def pipeline(tmp_path_factory) -> Path:
     return work
 
 
-def test_repro_writes_metrics_for_every_variant(pipeline: Path):
+def _status(work: Path) -> dict:
+    return json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], work)
+                      .strip().splitlines()[-1])
+
+
+def _set(work: Path, section: str, key: str, value) -> None:
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    node = params
+    for part in section.split("."):
+        node = node[part]
+    node[key] = value
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_repro_writes_mean_spread_and_per_seed_metrics_for_every_row(pipeline: Path):
     metrics = json.loads((pipeline / "reports/metrics.json").read_text())
-    assert sorted(metrics) == sorted(VARIANTS)
-    for variant, m in metrics.items():
-        for key in ("val_auc", "test_auc", "test_accuracy", "test_sensitivity", "test_specificity"):
-            assert 0.0 <= m[key] <= 1.0, (variant, key, m[key])
-        # phi comes from validation: the stored calibration is what evaluate used
-        cal = json.loads((pipeline / f"reports/variants/{variant}/calibration.json").read_text())
-        assert m["phi"] == cal["phi"] and m["val_auc"] == cal["validation"]["auc"]
-        assert m["test_images_per_s"] > 0
-    for variant in ("pix2pix_latent", "sparse_gan"):
-        assert 0.0 <= metrics[variant]["pixel_auroc_aam"] <= 1.0
-        assert 0.0 <= metrics[variant]["pixel_auroc_aam_residual"] <= 1.0
+    assert list(metrics) == ROWS
+    for row, m in metrics.items():
+        assert m["n_seeds"] == 2 and sorted(m["seeds"]) == ["0", "1"]
+        for seed in SEEDS:
+            s = m["seeds"][str(seed)]
+            for key in ("val_auc", "test_auc", "test_accuracy", "test_sensitivity"):
+                assert 0.0 <= s[key] <= 1.0, (row, seed, key, s[key])
+            # phi comes from that seed's validation calibration
+            cal = json.loads((pipeline / f"reports/rows/{row}/calibration/s{seed}.json")
+                             .read_text())
+            assert cal["row"] == row and cal["seed"] == seed
+            assert s["phi"] == cal["phi"] and s["val_auc"] == cal["validation"]["auc"]
+            assert s["test_images_per_s"] > 0
+        # the top level is the mean over the seeds, the spread their sd / min / max
+        for key in ("val_auc", "test_auc", "phi"):
+            values = [m["seeds"][str(seed)][key] for seed in SEEDS]
+            assert m[key] == pytest.approx(sum(values) / 2)
+            assert m["spread"][key]["sd"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+            assert m["spread"][key]["min"] == min(values) and m["spread"][key]["max"] == max(values)
+    for row in ("pix2pix_latent", "sparse_gan", "autoencoder_latent"):  # the latent score's maps
+        assert 0.0 <= metrics[row]["pixel_auroc_aam"] <= 1.0
+        assert 0.0 <= metrics[row]["pixel_auroc_aam_residual"] <= 1.0
+    for row in ROWS:
+        if row != "sparse_gan":
+            assert 0.0 <= metrics[row]["vs_sparse_gan_p_value"] <= 1.0
+            assert metrics[row]["vs_sparse_gan_seeds_won"] in (0, 1, 2)
     table = (pipeline / "reports/table1.md").read_text()
     assert "Sparse-GAN" in table and "0.925" in table  # the paper's number beside ours
-    for variant in VARIANTS:
-        if variant != "sparse_gan":
-            assert 0.0 <= metrics[variant]["vs_sparse_gan_p_value"] <= 1.0
+    assert "sparse_gan_image (ablation)" in table and "over 2 training seeds" in table
     html = (pipeline / "reports/index.html").read_text()
-    assert html.count('data-variant="') >= len(VARIANTS) and "https://" not in html
+    assert html.count('data-row="') >= len(ROWS) and "https://" not in html
 
 
-def test_mlflow_runs_hold_the_same_numbers(pipeline: Path):
+def test_pix2pix_1_and_2_are_scored_from_one_trained_model(pipeline: Path):
+    lock = yaml.safe_load((pipeline / "dvc.lock").read_text())["stages"]
+    assert sorted(s for s in lock if s.startswith("train_")) == sorted(
+        f"train_{m}@{seed}" for m in MODELS for seed in SEEDS)
+    for row, score in (("pix2pix_image", "image"), ("pix2pix_latent", "latent")):
+        deps = [d["path"] for d in lock[f"calibrate@{row}"]["deps"]]
+        assert "scores/pix2pix" in deps
+        for seed in SEEDS:
+            cal = json.loads((pipeline / f"reports/rows/{row}/calibration/s{seed}.json")
+                             .read_text())
+            assert (cal["model"], cal["score"]) == ("pix2pix", score)
+    # one score stage per seed wrote both scores of the one model
+    for seed in SEEDS:
+        outs = [o["path"] for o in lock[f"score@pix2pix-{seed}"]["outs"]]
+        assert outs == [f"scores/pix2pix/s{seed}"]
+        for score in ("image", "latent"):
+            assert (pipeline / f"scores/pix2pix/s{seed}/{score}/test.csv").is_file()
+    assert sorted(p.name for p in (pipeline / "models/pix2pix").iterdir()) == ["s0", "s1"]
+
+
+def test_mlflow_runs_parent_children_and_numbers(pipeline: Path):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sparse-gan-oct")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     runs = client.search_runs([exp.experiment_id])
-    by_variant = {r.data.tags["variant"]: r for r in runs}
-    assert sorted(by_variant) == sorted(VARIANTS + ["report"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    (parent,) = parents  # one parent run per pipeline run
+    assert parent.info.run_name.startswith("commit ")
+    children = {(r.data.tags["model"], int(r.data.tags["seed"])): r for r in runs
+                if r is not parent}
+    assert sorted(children) == sorted((m, s) for m in MODELS for s in SEEDS)
     metrics = json.loads((pipeline / "reports/metrics.json").read_text())
-    report = by_variant.pop("report")
-    artifacts = {a.path for a in client.list_artifacts(report.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"index.html", "table1.md", "metrics.json"} <= artifacts
-    assert report.data.metrics["autoencoder.vs_sparse_gan_p_value"] == pytest.approx(
+    assert parent.data.metrics["autoencoder.vs_sparse_gan_p_value"] == pytest.approx(
         metrics["autoencoder"]["vs_sparse_gan_p_value"])
-    for variant, run in by_variant.items():
-        assert run.data.metrics["test_auc"] == pytest.approx(metrics[variant]["test_auc"])
+    for (model, seed), run in children.items():
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.run_name == f"{model} s{seed} {parent.info.run_name}"
+        assert run.data.params["seed"] == str(seed) and run.data.params["model"] == model
         assert run.data.tags["git_commit"] != "unknown"
         assert "loss_g" in run.data.metrics or "loss_d" in run.data.metrics
         (data,) = run.inputs.dataset_inputs  # the training arrays, with their digest
         assert data.dataset.name == "train (synthetic)" and data.dataset.digest
-        assert data.dataset.source.endswith('train.npy"}') or "train.npy" in data.dataset.source
-        logged = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert {"metrics.json", "roc.csv", "calibration.json"} <= logged
-    model_runs = client.search_logged_models([exp.experiment_id])
-    assert {m.source_run_id for m in model_runs} == {r.info.run_id for r in by_variant.values()}
-    # one registered screening model per row; champion = the best validation AUC
+        # the child run holds the test metrics of every row scored from this model and seed
+        mine = [row for row in ROWS if json.loads(
+            (pipeline / f"reports/rows/{row}/calibration/s{seed}.json").read_text())["model"] == model]
+        assert mine
+        for row in mine:
+            assert run.data.metrics[f"{row}.test_auc"] == pytest.approx(
+                metrics[row]["seeds"][str(seed)]["test_auc"])
+    # the pix2pix child run carries both of Table 1's pix2pix rows
+    assert {"pix2pix_image.test_auc", "pix2pix_latent.test_auc"} <= set(
+        children[("pix2pix", 0)].data.metrics)
+    # one registered screening model per row, one version per seed; champion: best mean val AUC
     assert {m.name for m in client.search_registered_models()} == {
-        f"sparse-gan-oct-{v}" for v in VARIANTS}
-    calibration = json.loads((pipeline / "reports/variants/sparse_gan/calibration.json")
+        f"sparse-gan-oct-{r}" for r in ROWS}
+    versions = client.search_model_versions("name = 'sparse-gan-oct-sparse_gan'")
+    assert sorted(v.tags["seed"] for v in versions) == ["0", "1"]
+    calibration = json.loads((pipeline / "reports/rows/sparse_gan/calibration/s0.json")
                              .read_text())  # the map shown: chosen on validation lesion masks
     assert calibration["map"] == max(calibration["val_pixel_auroc"],
                                      key=calibration["val_pixel_auroc"].get)
     assert "patient" in calibration and "test_patient_auc" in metrics["sparse_gan"]
-    best = max(VARIANTS, key=lambda v: metrics[v]["val_auc"])
-    assert client.get_model_version_by_alias(f"sparse-gan-oct-{best}", "champion")
-    assert report.data.tags["champion"] == best
+    best = max(ROWS, key=lambda r: metrics[r]["val_auc"])
+    seed = max(SEEDS, key=lambda s: metrics[best]["seeds"][str(s)]["val_auc"])
+    champion = client.get_model_version_by_alias(f"sparse-gan-oct-{best}", "champion")
+    assert champion.tags["seed"] == str(seed)
+    assert client.get_run(parent.info.run_id).data.tags["champion"] == f"{best} s{seed}"
+
+
+def test_a_scoring_change_rescores_without_retraining(pipeline: Path):
+    _set(pipeline, "score.anogan", "search_steps", 4)
+    status = _status(pipeline)
+    assert status and not any(stage.startswith("train_") for stage in status), status
+    assert "score@anogan-0" in status and "score@anogan-1" in status
+    _set(pipeline, "score.anogan", "search_steps", TINY["score"]["anogan"]["search_steps"])
+    assert not any(stage.startswith("score@") for stage in _status(pipeline))
 
 
 def test_changing_lambda_sp_reruns_only_sparse_gan(pipeline: Path):
-    params = yaml.safe_load((pipeline / "params.yaml").read_text())
-    params["train"]["lambda_sp"] = 5.0
-    (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], pipeline)
-                        .strip().splitlines()[-1])
-    assert "train@sparse_gan" in status
-    assert all(stage.endswith("@sparse_gan") for stage in status), status
+    _set(pipeline, "train", "lambda_sp", 5.0)
+    status = _status(pipeline)
+    assert set(status) == {"train_sparse_gan@0", "train_sparse_gan@1"}, status
     out = _run([sys.executable, "-m", "dvc", "repro"], pipeline)
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {"train@sparse_gan", "score@sparse_gan", "calibrate@sparse_gan",
-                   "evaluate@sparse_gan", "report"}
+    assert ran == {"train_sparse_gan@0", "train_sparse_gan@1", "score@sparse_gan-0",
+                   "score@sparse_gan-1", "calibrate@sparse_gan", "calibrate@sparse_gan_image",
+                   "evaluate@sparse_gan", "evaluate@sparse_gan_image", "report"}

@@ -20,15 +20,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sparsegan.evaluate import PAPER_TABLE1, evaluate_variant
-from sparsegan.figures import make_figures
+from sparsegan.evaluate import PAPER_TABLE1, seed_metrics, summarize_seeds
+from sparsegan.figures import RowFiles, make_figures
 from sparsegan.html_report import write_index
 from sparsegan.metrics import calibrate_phi, detection_metrics
 
 SIZE = 32
 PER_CLASS = 4
 CLASSES = ("CNV", "DME", "DRUSEN", "NORMAL")
-VARIANTS = ("autoencoder", "fanogan", "sparse_gan")
+ROWS = ("autoencoder", "fanogan", "sparse_gan")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -59,12 +59,20 @@ def _fake_processed(root: Path, rng: np.random.Generator
     return images, index, masks
 
 
-def _fake_variant(root: Path, variant: str, images: np.ndarray, index: pd.DataFrame,
+def _files(root: Path, row: str) -> RowFiles:
+    """The row's files in the pipeline's layout (model = the row's name here, seed 0)."""
+    row_dir = root / "reports" / "rows" / row
+    return RowFiles(seed=0, scores=root / "scores" / row / "s0" / "score",
+                    calibration=row_dir / "calibration" / "s0.json",
+                    history=root / "models" / row / "s0" / "history.json",
+                    roc=row_dir / "roc.csv", metrics=row_dir / "metrics.json")
+
+
+def _fake_row(root: Path, row: str, images: np.ndarray, index: pd.DataFrame,
                   masks: np.ndarray, rng: np.random.Generator, separation: float) -> dict:
-    scores_dir = root / "scores" / variant
-    report_dir = root / "reports" / "variants" / variant
-    model_dir = root / "models" / variant
-    for d in (scores_dir, report_dir, model_dir):
+    files = _files(root, row)
+    scores_dir, model_dir = files.scores, files.history.parent
+    for d in (scores_dir, files.calibration.parent, model_dir):
         d.mkdir(parents=True)
     labels = index["label"].to_numpy()
     test_scores = labels * separation + rng.normal(0, 1, len(labels))
@@ -77,23 +85,21 @@ def _fake_variant(root: Path, variant: str, images: np.ndarray, index: pd.DataFr
                     0, 255).astype(np.uint8)
     diff = (np.abs(images.astype(np.float32) - recon) / 127.5).astype(np.float16)
     maps = {"difference": diff, "reconstruction": recon}
-    if variant == "sparse_gan":
+    if row == "sparse_gan":
         aam = masks.astype(np.float32) + rng.uniform(0, 0.3, masks.shape)
         maps["aam"] = (aam / aam.max()).astype(np.float16)
     np.savez_compressed(scores_dir / "test_maps.npz", **maps)
     (scores_dir / "timing.json").write_text(json.dumps({"val_images_per_s": 100.0,
                                                         "test_images_per_s": 120.0}))
     phi = calibrate_phi(val_labels, val_scores, "accuracy")
-    (report_dir / "calibration.json").write_text(json.dumps(
-        {"phi": phi, "criterion": "accuracy",
-         "validation": detection_metrics(val_labels, val_scores, phi)}))
-    metrics = evaluate_variant(variant, scores_dir, report_dir, masks)
-    if variant == "sparse_gan":  # the bootstrap's keys, as the evaluation adds them
-        for key in ("test_auc", "test_accuracy", "test_sensitivity", "test_specificity"):
-            metrics[f"{key}_ci_low"] = max(metrics[key] - 0.05, 0.0)
-            metrics[f"{key}_ci_high"] = min(metrics[key] + 0.05, 1.0)
-        (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    if variant == "fanogan":
+    calibration = {"phi": phi, "criterion": "accuracy",
+                   "validation": detection_metrics(val_labels, val_scores, phi)}
+    files.calibration.write_text(json.dumps(calibration))
+    per_seed, roc = seed_metrics(scores_dir, calibration, masks)
+    roc.assign(row=row, seed=0).to_csv(files.roc, index=False)
+    metrics = summarize_seeds({0: per_seed})
+    files.metrics.write_text(json.dumps(metrics, indent=1))
+    if row == "fanogan":
         history = ([{"epoch": e, "phase": "gan", "loss_d": -1.0 / e, "loss_gp": 0.1 / e,
                      "loss_g": 0.5 / e, "images_per_s": 50.0} for e in (1, 2, 3)]
                    + [{"epoch": e, "phase": "encoder", "loss_izif": 1.0 / e,
@@ -110,10 +116,9 @@ def report(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("report")
     rng = np.random.default_rng(0)
     images, index, masks = _fake_processed(root, rng)
-    metrics = {v: _fake_variant(root, v, images, index, masks, rng, sep)
-               for v, sep in zip(VARIANTS, (1.0, 2.0, 8.0))}
-    figures = make_figures(list(VARIANTS), root / "data" / "processed", root / "scores",
-                           root / "reports" / "variants", root / "models",
+    metrics = {v: _fake_row(root, v, images, index, masks, rng, sep)
+               for v, sep in zip(ROWS, (1.0, 2.0, 8.0))}
+    figures = make_figures({v: _files(root, v) for v in ROWS}, root / "data" / "processed",
                            root / "reports" / "figures")
     html_path = write_index(metrics, figures, root / "reports" / "index.html", PAPER_TABLE1,
                             provenance={"params hash": "abc123", "seed": 0,
@@ -131,7 +136,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_every_figure_is_a_png(report):
     figures = report["figures"]
     assert [p.name for p in figures["overview"]] == ["roc.png"]
-    for v in VARIANTS:
+    for v in ROWS:
         assert [p.name for p in figures[v]] == ["scores.png", "losses.png", "gallery.png",
                                                 "gallery_errors.png"]
     for paths in figures.values():
@@ -146,16 +151,16 @@ def test_every_figure_is_a_png(report):
     assert pixels.std() > 20
 
 
-def test_html_is_self_contained_with_one_row_per_variant(report):
+def test_html_is_self_contained_with_one_table_row_per_row(report):
     text = report["html"].read_text()
     assert "http://" not in text and "https://" not in text
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", text), "non-embedded link"
     n_figures = sum(len(v) for v in report["figures"].values())
     assert text.count('<img src="data:image/png;base64,') == n_figures
     table1 = text.split('<table id="table1">')[1].split("</table>")[0]
-    assert [re.findall(r'data-variant="([^"]+)"', table1)] == [list(VARIANTS)]
+    assert [re.findall(r'data-row="([^"]+)"', table1)] == [list(ROWS)]
     details = text.split('<table id="details">')[1].split("</table>")[0]
-    assert details.count("data-variant=") == len(VARIANTS)
+    assert details.count("data-row=") == len(ROWS)
     # ours beside the paper's, with the bootstrap interval where the metrics have one
     m = report["metrics"]["sparse_gan"]
     assert "Sparse-GAN" in table1 and "0.925" in table1
@@ -187,7 +192,7 @@ window.addEventListener("load", function () {
   out.id = "result";
   out.textContent = JSON.stringify({images: imgs.length, loaded: loaded,
     rows: document.querySelectorAll("#table1 tbody tr").length,
-    variant_rows: document.querySelectorAll("#table1 tr[data-variant]").length});
+    table_rows: document.querySelectorAll("#table1 tr[data-row]").length});
   document.body.appendChild(out);
 });
 </script>"""
@@ -220,8 +225,8 @@ def test_page_renders_in_headless_chromium(request, tmp_path):
     assert found, f"no result from Chromium (rc {done.returncode}): {done.stderr[-2000:]}"
     result = json.loads(found.group(1).replace("&quot;", '"'))
     n_figures = sum(len(v) for v in report["figures"].values())
-    assert result == {"images": n_figures, "loaded": n_figures, "rows": len(VARIANTS),
-                      "variant_rows": len(VARIANTS)}
+    assert result == {"images": n_figures, "loaded": n_figures, "rows": len(ROWS),
+                      "table_rows": len(ROWS)}
 
     shot = html_path.with_name("index_screenshot.png")
     done = _run_chromium(binary, tmp_path / "profile-shot", f"--screenshot={shot}",
@@ -231,3 +236,53 @@ def test_page_renders_in_headless_chromium(request, tmp_path):
     from PIL import Image
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.std() > 10, "blank screenshot"
+
+
+def test_roc_overlay_draws_the_seed_each_row_names(tmp_path, monkeypatch):
+    """A row's roc.csv and metrics.json hold every seed: the overlay draws the curve and the
+    operating point of ``RowFiles.seed`` and gives that seed's AUC; a row of one seed's flat files
+    is drawn as it is; a row whose roc.csv is missing is left out."""
+    import sparsegan.figures as figures_module
+    from sparsegan.figures import roc_overlay
+
+    saved = {}
+    real_save = figures_module._save
+
+    def keep(fig, out_png, **kw):
+        saved["fig"] = fig
+        return real_save(fig, out_png, **kw)
+
+    monkeypatch.setattr(figures_module, "_save", keep)
+
+    def files(row: str, seed: int) -> RowFiles:
+        d = tmp_path / row
+        d.mkdir(exist_ok=True)
+        return RowFiles(seed=seed, scores=d / "scores", calibration=d / "calibration.json",
+                        history=d / "history.json", roc=d / "roc.csv", metrics=d / "metrics.json")
+
+    multi = files("sparse_gan", 1)
+    pd.DataFrame({"fpr": [0, 0.5, 1, 0, 0.1, 1], "tpr": [0, 0.5, 1, 0, 0.9, 1],
+                  "threshold": [9, 1, 0, 9, 1, 0], "seed": [0, 0, 0, 1, 1, 1]}).to_csv(
+        multi.roc, index=False)
+    multi.metrics.write_text(json.dumps({
+        "test_auc": 0.7, "n_seeds": 2,
+        "seeds": {"0": {"test_auc": 0.5, "test_sensitivity": 0.5, "test_specificity": 0.5},
+                  "1": {"test_auc": 0.9, "test_sensitivity": 0.9, "test_specificity": 0.8}}}))
+    flat = files("autoencoder", 1)
+    pd.DataFrame({"fpr": [0, 0.3, 1], "tpr": [0, 0.6, 1]}).to_csv(flat.roc, index=False)
+    flat.metrics.write_text(json.dumps({"test_auc": 0.654}))
+    missing = files("fanogan", 1)
+
+    out = roc_overlay({"sparse_gan": multi, "autoencoder": flat, "fanogan": missing},
+                      tmp_path / "roc.png")
+    assert _png_size(out)[0] >= 300
+    ax = saved["fig"].axes[0]
+    curves = {line.get_label(): line for line in ax.lines if not line.get_label().startswith("_")}
+    assert set(curves) == {"chance", "sparse_gan (AUC 0.900)", "autoencoder (AUC 0.654)"}
+    np.testing.assert_allclose(curves["sparse_gan (AUC 0.900)"].get_xdata(), [0, 0.1, 1])
+    np.testing.assert_allclose(curves["sparse_gan (AUC 0.900)"].get_ydata(), [0, 0.9, 1])
+    np.testing.assert_allclose(curves["autoencoder (AUC 0.654)"].get_xdata(), [0, 0.3, 1])
+    points = [(float(line.get_xdata()[0]), float(line.get_ydata()[0])) for line in ax.lines
+              if line.get_marker() == "o"]
+    assert points == [pytest.approx((0.2, 0.9))]  # seed 1's (1 - specificity, sensitivity)
+    assert "seed 1" in ax.get_title()

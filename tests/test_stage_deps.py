@@ -95,3 +95,34 @@ def test_the_closure_follows_relative_and_lazy_imports():
     assert "sparsegan/models/sparse_gan.py" in files  # via sparsegan.models' build_detector
     assert "sparsegan/data/dataset.py" in files  # the batch loader train.py runs
     assert "sparsegan/report.py" not in files
+    # scoring is not a training dependency: a change to a score re-scores, never re-trains
+    assert "sparsegan/anomaly.py" not in files and "sparsegan/scoring.py" not in files
+
+
+def test_each_train_stage_lists_exactly_the_params_its_model_reads():
+    from sparsegan.params import MODELS, TRAIN_READS
+
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    trains = {name[len("train_"):]: st for name, st in spec.items() if name.startswith("train_")}
+    assert sorted(trains) == sorted(MODELS)
+    for model, st in trains.items():
+        assert st["cmd"] == f"python stages/train.py {model} ${{item.seed}}"
+        assert st["matrix"] == {"seed": "${seeds}"}
+        assert st["params"] == list(TRAIN_READS[model]), model
+        assert st["outs"] == [f"models/{model}/s${{item.seed}}"]
+    # lambda_sp is read by sparse_gan's training alone, lambda_adv by the two adversarial ones
+    readers = {m for m, st in trains.items() if "train.lambda_sp" in st["params"]}
+    assert readers == {"sparse_gan"}
+    assert {m for m, st in trains.items() if "train.lambda_adv" in st["params"]} == {
+        "pix2pix", "sparse_gan"}
+    # scoring knobs are nobody's training param
+    assert not any(p.startswith("score") for st in trains.values() for p in st["params"])
+
+
+def test_scoring_runs_per_model_and_seed_and_rows_per_row():
+    from sparsegan.params import MODELS
+
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert spec["score"]["matrix"] == {"model": list(MODELS), "seed": "${seeds}"}
+    for stage in ("calibrate", "evaluate"):
+        assert spec[stage]["foreach"] == "${rows}"

@@ -12,7 +12,8 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from sparsegan import stats
-from sparsegan.evaluate import compare_to_reference, evaluate_variant
+from sparsegan.evaluate import compare_to_reference, evaluate_row, seed_metrics
+from sparsegan.params import Params
 from sparsegan.metrics import detection_metrics
 from sparsegan.stats import (METRICS, bootstrap_distribution, delong_test, paired_bootstrap,
                              patient_bootstrap, patient_codes, resample_indices, weighted_metrics)
@@ -221,10 +222,59 @@ def test_delong_matches_its_definition():
     assert same["delta_auc"] == 0 and same["p_value"] == 1.0
 
 
+def test_paired_bootstrap_over_seeds():
+    """(seeds, N) scores: one seed per side is the plain paired bootstrap; identical sides give
+    0 and p 1; the point estimate is the difference of the seed-mean AUCs; resampling the seeds
+    widens the interval when the seeds disagree."""
+    labels, scores, patients = make_set(60, seed=9, shift=2.5, round_to=None)
+    rng = np.random.default_rng(0)
+    worse = scores + rng.normal(0, 3, len(scores))
+    flat = paired_bootstrap(labels, scores, worse, patients, n_boot=400, seed=0)
+    one = paired_bootstrap(labels, scores[None], worse[None], patients, n_boot=400, seed=0)
+    assert one == flat
+    two_a = np.stack([scores, scores + rng.normal(0, 1, len(scores))])
+    two_b = np.stack([worse, worse + rng.normal(0, 1, len(scores))])
+    same = paired_bootstrap(labels, two_a, two_a.copy(), patients, n_boot=300, seed=0)
+    assert same["delta_auc"] == 0.0 and same["p_value"] == 1.0
+    r = paired_bootstrap(labels, two_a, two_b, patients, n_boot=400, seed=0)
+    mean_a = np.mean([roc_auc_score(labels, x) for x in two_a])
+    mean_b = np.mean([roc_auc_score(labels, x) for x in two_b])
+    assert r["delta_auc"] == pytest.approx(mean_a - mean_b)
+    assert r["auc_a"] == pytest.approx(mean_a) and r["auc_b"] == pytest.approx(mean_b)
+    # seeds that disagree a lot: drawing them with replacement widens the interval
+    far = np.stack([worse, scores])
+    wide = paired_bootstrap(labels, np.stack([scores, scores]), far, patients, n_boot=400, seed=0)
+    narrow = paired_bootstrap(labels, scores, (worse + scores) / 2, patients, n_boot=400, seed=0)
+    assert wide["ci"][1] - wide["ci"][0] > narrow["ci"][1] - narrow["ci"][0]
+
+
+def test_paired_bootstrap_over_seeds_shapes_and_repeated_seeds():
+    """Each side may have its own number of seeds; seeds that gave the very same scores change
+    nothing (the resampled seed means equal that one row); the same call gives the same result;
+    a seed row of another length than the labels is refused."""
+    labels, scores, patients = make_set(50, seed=14, shift=2.0, round_to=None)
+    rng = np.random.default_rng(3)
+    other = scores + rng.normal(0, 2, len(scores))
+    flat = paired_bootstrap(labels, scores, other, patients, n_boot=300, seed=1)
+    repeated = paired_bootstrap(labels, np.stack([scores] * 3), np.stack([other] * 2), patients,
+                                n_boot=300, seed=1)
+    assert repeated["delta_auc"] == pytest.approx(flat["delta_auc"])
+    assert repeated["ci"] == pytest.approx(flat["ci"]) and repeated["p_value"] == flat["p_value"]
+    three = np.stack([scores, scores + rng.normal(0, 1, len(scores)), scores[::-1]])
+    r = paired_bootstrap(labels, three, other, patients, n_boot=200, seed=1)
+    assert r["auc_a"] == pytest.approx(np.mean([roc_auc_score(labels, x) for x in three]))
+    assert r["auc_b"] == pytest.approx(roc_auc_score(labels, other))
+    assert r["n_boot"] == 200 and r == paired_bootstrap(labels, three, other, patients,
+                                                        n_boot=200, seed=1)
+    with pytest.raises(ValueError, match="differ in length"):
+        paired_bootstrap(labels, np.stack([scores, scores]), np.stack([other, other])[:, 1:],
+                         patients, n_boot=10)
+
+
 # ------------------------------------------------------------------------- evaluation
 
-def write_scores(root, variant, labels, scores, patients, classes, phi=0.5):
-    d = root / "scores" / variant
+def write_scores(root, model, score, seed, labels, scores, patients, classes):
+    d = root / "scores" / model / f"s{seed}" / score
     d.mkdir(parents=True)
     frame = pd.DataFrame({"path": [f"data/raw/{i}.jpeg" for i in range(len(labels))],
                           "label": labels, "class": classes, "patient": patients,
@@ -233,11 +283,11 @@ def write_scores(root, variant, labels, scores, patients, classes, phi=0.5):
     frame.to_csv(d / "val.csv", index=False)
     (d / "timing.json").write_text(json.dumps({"val_images_per_s": 10.0,
                                                "test_images_per_s": 20.0}))
-    rep = root / "reports" / variant
-    rep.mkdir(parents=True)
-    (rep / "calibration.json").write_text(json.dumps(
-        {"phi": phi, "criterion": "accuracy", "validation": {"auc": 0.8}}))
-    return d, rep
+    return d
+
+
+def _calibration(phi=0.5, val_auc=0.8):
+    return {"phi": phi, "criterion": "accuracy", "validation": {"auc": val_auc}}
 
 
 def _classes(labels, seed=0):
@@ -245,14 +295,13 @@ def _classes(labels, seed=0):
     return np.where(labels == 1, rng.choice(["CNV", "DME", "DRUSEN"], len(labels)), "NORMAL")
 
 
-def test_evaluate_variant_per_class_auc_ap_and_intervals(tmp_path):
+def test_seed_metrics_per_class_auc_ap_and_intervals(tmp_path):
     labels, scores, patients = make_set(50, seed=11)
     classes = _classes(labels)
     scores = scores + (classes == "CNV") * 1.0  # CNV easier than the others
-    scores_dir, report_dir = write_scores(tmp_path, "sparse_gan", labels, scores, patients,
-                                          classes, phi=0.6)
-    m = evaluate_variant("sparse_gan", scores_dir, report_dir, None, seed=0, n_boot=300)
-    assert json.loads((report_dir / "metrics.json").read_text()) == pytest.approx(m)
+    scores_dir = write_scores(tmp_path, "sparse_gan", "latent", 0, labels, scores, patients,
+                              classes)
+    m, roc = seed_metrics(scores_dir, _calibration(phi=0.6), None, n_boot=300)
     for cls in ("CNV", "DME", "DRUSEN"):
         subset = np.isin(classes, ["NORMAL", cls])
         assert m[f"test_auc_{cls}"] == pytest.approx(roc_auc_score(labels[subset], scores[subset]))
@@ -267,20 +316,50 @@ def test_evaluate_variant_per_class_auc_ap_and_intervals(tmp_path):
     assert m["test_patients"] == 50
     assert m["phi"] == 0.6 and m["val_auc"] == 0.8 and m["test_images_per_s"] == 20.0
     assert all(isinstance(v, (int, float)) for k, v in m.items() if k != "criterion")
-    roc = pd.read_csv(report_dir / "roc.csv")
-    assert set(roc.columns) >= {"fpr", "tpr", "threshold", "variant"}
+    assert set(roc.columns) >= {"fpr", "tpr", "threshold"}
 
 
-def test_compare_to_reference_pairs_every_variant(tmp_path):
+def test_evaluate_row_writes_mean_spread_and_each_seed(tmp_path):
+    labels, scores, patients = make_set(50, seed=13)
+    classes = _classes(labels)
+    rng = np.random.default_rng(1)
+    params = Params(seeds=(3, 5), rows={"pix2pix_image": ("pix2pix", "image")})
+    row_dir = tmp_path / "reports" / "rows" / "pix2pix_image"
+    (row_dir / "calibration").mkdir(parents=True)
+    per_seed = {}
+    for seed, phi in ((3, 0.4), (5, 0.7)):
+        s = scores + rng.normal(0, 0.5, len(scores))
+        write_scores(tmp_path, "pix2pix", "image", seed, labels, s, patients, classes)
+        (row_dir / "calibration" / f"s{seed}.json").write_text(json.dumps(_calibration(phi)))
+        per_seed[seed] = roc_auc_score(labels, s)
+    summary = evaluate_row("pix2pix_image", params, tmp_path / "processed", tmp_path / "scores",
+                           tmp_path / "models", row_dir, log_mlflow=False, n_boot=50)
+    saved = json.loads((row_dir / "metrics.json").read_text())
+    assert json.dumps(saved, sort_keys=True) == json.dumps(summary, sort_keys=True)
+    assert summary["n_seeds"] == 2 and sorted(summary["seeds"]) == ["3", "5"]
+    a, b = per_seed[3], per_seed[5]
+    assert summary["seeds"]["3"]["test_auc"] == pytest.approx(a)
+    assert summary["test_auc"] == pytest.approx((a + b) / 2)
+    assert summary["spread"]["test_auc"]["sd"] == pytest.approx(abs(a - b) / np.sqrt(2))
+    assert summary["spread"]["phi"] == {"sd": pytest.approx(0.3 / np.sqrt(2)), "min": 0.4,
+                                        "max": 0.7}
+    assert summary["criterion"] == "accuracy"
+    roc = pd.read_csv(row_dir / "roc.csv")
+    assert set(roc["seed"]) == {3, 5} and set(roc["row"]) == {"pix2pix_image"}
+
+
+def test_compare_to_reference_pairs_every_row(tmp_path):
     labels, scores, patients = make_set(60, seed=12, shift=2.5, round_to=None)
     classes = _classes(labels)
     noisy = scores + np.random.default_rng(0).normal(0, 3, len(scores))
-    write_scores(tmp_path, "sparse_gan", labels, scores, patients, classes)
-    write_scores(tmp_path, "autoencoder", labels, noisy, patients, classes)
-    write_scores(tmp_path, "pix2pix_latent", labels, scores, patients, classes)
+    write_scores(tmp_path, "sparse_gan", "latent", 0, labels, scores, patients, classes)
+    write_scores(tmp_path, "autoencoder", "image", 0, labels, noisy, patients, classes)
+    write_scores(tmp_path, "pix2pix", "latent", 0, labels, scores, patients, classes)
     root = tmp_path / "scores"
-    out = compare_to_reference(["autoencoder", "pix2pix_latent", "sparse_gan"], root,
-                               n_boot=500, seed=0)
+    rows = {"autoencoder": ("autoencoder", "image"), "pix2pix_latent": ("pix2pix", "latent"),
+            "sparse_gan": ("sparse_gan", "latent")}
+    params = Params(seeds=(0,), rows=rows)
+    out = compare_to_reference(params, root, n_boot=500)
     assert set(out) == {"autoencoder", "pix2pix_latent"}
     ae = out["autoencoder"]
     boot = paired_bootstrap(labels, scores, noisy, patients, n_boot=500, seed=0)
@@ -288,16 +367,18 @@ def test_compare_to_reference_pairs_every_variant(tmp_path):
     assert (ae["delta_auc_ci_low"], ae["delta_auc_ci_high"]) == pytest.approx(boot["ci"])
     assert ae["delta_auc_ci_low"] > 0 and ae["p_value"] < 0.01 and ae["p_value_delong"] < 0.01
     assert ae["auc_reference"] == pytest.approx(roc_auc_score(labels, scores))
+    assert ae["seeds_won"] == 1
     same = out["pix2pix_latent"]
     assert same["delta_auc"] == 0 and same["p_value"] == 1.0 and same["p_value_delong"] == 1.0
     assert all(isinstance(v, (int, float)) for v in ae.values())
-    assert compare_to_reference(["autoencoder"], root) == {}
+    assert compare_to_reference(Params(rows={"autoencoder": ("autoencoder", "image")}),
+                                root) == {}
 
     # rows in another order: refused
-    shuffled = pd.read_csv(root / "autoencoder" / "test.csv").iloc[::-1]
-    shuffled.to_csv(root / "autoencoder" / "test.csv", index=False)
+    test_csv = root / "autoencoder" / "s0" / "image" / "test.csv"
+    pd.read_csv(test_csv).iloc[::-1].to_csv(test_csv, index=False)
     with pytest.raises(ValueError, match="same test scans"):
-        compare_to_reference(["sparse_gan", "autoencoder"], root, n_boot=10)
+        compare_to_reference(params, root, n_boot=10)
 
 
 def test_over_seeds_mean_sd_min_max():
@@ -319,3 +400,27 @@ def test_paired_over_seeds_uses_common_seeds_only():
     sd = np.std([0.05, -0.02, 0.10], ddof=1)
     assert out["sd"] == pytest.approx(sd) and out["t"] == pytest.approx(out["mean"] / (sd / np.sqrt(3)))
     assert (out["min"], out["max"]) == pytest.approx((-0.02, 0.10))
+
+
+def test_paired_bootstrap_same_trainings_pairs_the_seed_draws():
+    """Two scores of one model: seed i of both sides is one training, drawn together. Identical
+    sides then give every resampled difference 0 (p exactly 1, a zero-width interval), and a
+    score that is better by the same margin in every training gets a narrower interval than the
+    independent draws of two separately trained models would give it."""
+    labels, scores, patients = make_set(60, seed=5, shift=2.0, round_to=None)
+    rng = np.random.default_rng(1)
+    trainings = np.stack([scores + rng.normal(0, 2.5, len(scores)) for _ in range(5)])
+    same = paired_bootstrap(labels, trainings, trainings.copy(), patients, n_boot=300, seed=0,
+                            same_trainings=True)
+    assert same["delta_auc"] == 0.0 and same["p_value"] == 1.0 and same["ci"] == (0.0, 0.0)
+    apart = paired_bootstrap(labels, trainings, trainings.copy(), patients, n_boot=300, seed=0)
+    assert apart["ci"][0] < 0 < apart["ci"][1]  # independent seed draws: the seeds' spread
+    better = (trainings + scores) / 2  # each training's score moved toward the clean one
+    paired = paired_bootstrap(labels, better, trainings, patients, n_boot=400, seed=0,
+                              same_trainings=True)
+    unpaired = paired_bootstrap(labels, better, trainings, patients, n_boot=400, seed=0)
+    assert paired["delta_auc"] == pytest.approx(unpaired["delta_auc"]) and paired["delta_auc"] > 0
+    assert paired["ci"][1] - paired["ci"][0] < unpaired["ci"][1] - unpaired["ci"][0]
+    with pytest.raises(ValueError, match="one score row per training on both sides, got 5 and 2"):
+        paired_bootstrap(labels, trainings, trainings[:2], patients, n_boot=10,
+                         same_trainings=True)

@@ -1,4 +1,5 @@
-"""The study scripts' own arithmetic: the rank agreement between data sets (real_checks)."""
+"""The study scripts' own arithmetic: the rank agreement between data sets (real_checks) and
+the multi-seed tables of scripts/study.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 @pytest.fixture(scope="module")
 def checks():
-    sys.path.insert(0, str(SCRIPTS))  # real_checks imports real_study
+    sys.path.insert(0, str(SCRIPTS))  # real_checks imports study
     spec = importlib.util.spec_from_file_location("real_checks", SCRIPTS / "real_checks.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -49,3 +50,46 @@ def test_agreement_of_same_reversed_and_seed_averaged_rankings(checks):
     assert checks.agreement(r, checks.row_aucs(records, "x"))["kendall_of_means"] < -0.8
     result, md = checks.agreement_report([("r", "s")], records)
     assert "| r vs s | 0,1 / 0 |" in md and result["r vs s"]["rows"] == sorted(checks.ROWS)
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location("study", SCRIPTS / "study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_tables_come_from_the_pipelines_multi_seed_metrics(study, tmp_path):
+    import json
+
+    from sparsegan.evaluate import summarize_seeds
+
+    def seed(val, test):
+        return {"val_auc": val, "test_auc": test, "test_auc_ci_low": test - 0.05,
+                "test_auc_ci_high": test + 0.05, "test_accuracy": 0.7, "test_sensitivity": 0.8,
+                "test_specificity": 0.6, "phi": 1.0, "criterion": "youden"}
+
+    metrics = {"autoencoder": summarize_seeds({0: seed(0.80, 0.84), 1: seed(0.82, 0.86)}),
+               "sparse_gan": summarize_seeds({0: seed(0.70, 0.74), 1: seed(0.71, 0.70)})}
+    metrics["autoencoder"].update({"vs_sparse_gan_delta_auc": -0.13,
+                                   "vs_sparse_gan_delta_auc_ci_low": -0.2,
+                                   "vs_sparse_gan_delta_auc_ci_high": -0.06,
+                                   "vs_sparse_gan_p_value": 0.002})
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "metrics.json").write_text(json.dumps({
+        "seeds": [0, 1], "experiment": "s", "command": "dvc exp run -S seeds=[0,1]",
+        "overrides": {"seeds": "[0,1]"}, "extra": [], "metrics": metrics}))
+    result = study.collect("s", tmp_path)
+    ae = result["summary"]["autoencoder"]["test_auc"]
+    assert ae["mean"] == pytest.approx(0.85) and ae["sd"] == pytest.approx(0.02 / 2 ** 0.5)
+    assert ae["min"] == 0.84 and ae["max"] == 0.86 and ae["n"] == 2
+    # the paired per-seed difference: +0.10 and +0.16, both seeds won by the Auto-Encoder
+    pair = result["paired_test_auc"]["autoencoder - sparse_gan"]
+    assert pair["mean"] == pytest.approx(0.13) and pair["wins"] == 2 and pair["n"] == 2
+    assert result["vs_sparse_gan"]["autoencoder"]["p_value"] == 0.002
+    md = (tmp_path / "s" / "results.md").read_text()
+    assert "`dvc exp run -S seeds=[0,1]`" in md
+    assert "| Auto-Encoder | 0.810 ± 0.014 [0.800-0.820] | 0.850 ± 0.014 [0.840-0.860]" in md
+    assert "| Auto-Encoder | -0.130 | [-0.200, -0.060] | 0.002 |" in md

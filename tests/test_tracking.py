@@ -1,4 +1,5 @@
-"""The MLflow store resolves to the main repository, also from a DVC temp workspace / worktree."""
+"""The MLflow store resolves to the main repository, also from a DVC temp workspace / worktree;
+one parent run per pipeline run, a child per (model, seed)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ def test_env_var_overrides_the_store(monkeypatch):
 
 
 def test_flatten_names_params_as_in_params_yaml():
-    flat = flatten(parse_params({"train": {"lambda_sp": 7}}))
+    flat = flatten(parse_params({"train": {"lambda_sp": 7}, "seeds": [0, 2]}))
     assert flat["train.lambda_sp"] == 7.0 and flat["data.synthetic.seed"] == 0
+    assert flat["seeds"] == "0,2" and flat["rows.pix2pix_image"] == "pix2pix,image"
 
 
 def test_dvc_temp_experiment_workspace_logs_to_the_main_repo(tmp_path):
@@ -53,7 +55,7 @@ def test_two_processes_creating_a_new_store_at_once_both_log(tmp_path):
     start = time.time() + 8  # both processes have imported mlflow by then
     code = ("import sys, time; import mlflow; from sparsegan.tracking import start_run; "
             f"time.sleep(max(0, {start} - time.time())); "
-            "run = start_run(sys.argv[1]); mlflow.end_run()")
+            "run = start_run(sys.argv[1], 0); mlflow.end_run()")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{db}", "PATH": "/usr/bin:/bin"}
     procs = [subprocess.Popen([sys.executable, "-c", code, f"p{i}"], env=env, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -65,5 +67,84 @@ def test_two_processes_creating_a_new_store_at_once_both_log(tmp_path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     exp = client.get_experiment_by_name("sparse-gan-oct")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    names = sorted(r.info.run_name for r in client.search_runs([exp.experiment_id]))
-    assert names == ["p0", "p1"]
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1  # created once, under the lock
+    children = sorted(r.info.run_name for r in runs if r is not parents[0])
+    assert children == [f"p0 s0 {parents[0].info.run_name}", f"p1 s0 {parents[0].info.run_name}"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+               for r in runs if r is not parents[0])
+
+
+def test_children_of_one_experiment_share_its_named_parent(tmp_path, monkeypatch):
+    import mlflow
+
+    from sparsegan.tracking import start_pipeline_run, start_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    ids = {}
+    for exp_name in ("exp-ab12", "exp-cd34"):
+        monkeypatch.setenv("DVC_EXP_NAME", exp_name)
+        for model, seed in (("sparse_gan", 1), ("pix2pix", 0)):
+            with start_run(model, seed) as run:
+                mlflow.log_param("seed", seed)
+                ids[(exp_name, model)] = run.info.run_id
+        with start_pipeline_run() as parent:
+            ids[exp_name] = parent.info.run_id
+    client = mlflow.MlflowClient()
+    for exp_name in ("exp-ab12", "exp-cd34"):
+        parent = client.get_run(ids[exp_name])
+        assert parent.info.run_name == exp_name and "mlflow.parentRunId" not in parent.data.tags
+        child = client.get_run(ids[(exp_name, "sparse_gan")])
+        assert child.info.run_name == f"sparse_gan s1 {exp_name}"
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert (child.data.tags["model"], child.data.tags["seed"]) == ("sparse_gan", "1")
+        assert client.get_run(ids[(exp_name, "pix2pix")]).data.tags["mlflow.parentRunId"] == \
+            parent.info.run_id
+    assert ids["exp-ab12"] != ids["exp-cd34"]
+    exp = client.get_experiment_by_name("sparse-gan-oct")
+    assert len(client.search_runs([exp.experiment_id])) == 6  # 2 parents, 4 children
+
+
+def test_without_a_dvc_experiment_the_parent_is_named_by_the_commit(tmp_path, monkeypatch):
+    """`dvc repro` sets no DVC_EXP_NAME: the pipeline run is ``commit <short sha>`` (outside git
+    ``workspace``); its children share that parent, and resuming a child (its run id from the
+    training checkpoint) reopens it instead of starting another."""
+    import mlflow
+
+    from sparsegan.tracking import pipeline_name, pipeline_run_id, start_run
+
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    repo.mkdir()
+    elsewhere.mkdir()
+    _git(repo, "init", "-q")
+    _git(repo, "commit", "-q", "--allow-empty", "-m", "x")
+    short = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, text=True,
+                           capture_output=True, check=True).stdout.strip()
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.chdir(elsewhere)
+    assert pipeline_name() == "workspace"
+    monkeypatch.chdir(repo)
+    assert pipeline_name() == f"commit {short}"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    ids = []
+    for model in ("autoencoder", "fanogan"):
+        with start_run(model, 2) as run:
+            ids.append(run.info.run_id)
+    with start_run("autoencoder", 2, run_id=ids[0]) as resumed:
+        assert resumed.info.run_id == ids[0]
+    with start_run("anogan", 2, run_id="0" * 32) as fresh:  # a run id of another store
+        ids.append(fresh.info.run_id)
+    client = mlflow.MlflowClient()
+    parent = pipeline_run_id()
+    assert client.get_run(parent).info.run_name == f"commit {short}"
+    assert len({*ids}) == 3
+    for run_id, model in zip(ids, ("autoencoder", "fanogan", "anogan")):
+        child = client.get_run(run_id)
+        assert child.info.run_name == f"{model} s2 commit {short}"
+        assert child.data.tags["mlflow.parentRunId"] == parent
+    exp = client.get_experiment_by_name("sparse-gan-oct")
+    assert len(client.search_runs([exp.experiment_id])) == 4  # 1 parent, 3 children

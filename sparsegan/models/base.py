@@ -1,33 +1,62 @@
-"""The contract every Table 1 variant implements, so that one training loop and one scorer serve all.
+"""The contract every trained model implements, so that one training loop serves all.
 
 Images enter as float tensors ``(B, 1, S, S)`` scaled to [-1, 1]. A detector trains in *phases*
-(most have one; f-AnoGAN has ``gan`` then ``encoder``), one ``train_step`` per batch, and scores a
-batch into one anomaly score per image plus image-size anomaly maps.
+(most have one; f-AnoGAN has ``gan`` then ``encoder``), one ``train_step`` per batch, and every
+optimizer step of a ``train_step`` goes through :meth:`Detector.update`, the one update path:
+zero_grad, backward, the gradients averaged over the ranks when training is distributed, the
+NaN guard, step. So the model files are written against bare modules and know nothing of
+distribution. Its scores are computed from its networks by :mod:`sparsegan.scoring`, which
+training does not import.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
 
 import torch
 from torch import nn
 
+from .. import distributed
 
-@dataclass
-class ScoreOutput:
-    """``score``: (B,) anomaly score, higher = more anomalous.
-    ``maps``: name -> (B, 1, S, S) anomaly maps in the input's resolution; every variant gives
-    ``"difference"`` (|I_in - I_re|); latent variants also give ``"aam"`` (eq. 8) and
-    ``"aam_residual"`` (the same weights on |H_in - H_re|).
-    ``reconstruction``: (B, 1, S, S) in [-1, 1]."""
 
-    score: torch.Tensor
-    reconstruction: torch.Tensor
-    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+class Diverged(FloatingPointError):
+    """The loss of an optimizer's step (``loss``: the optimizer's name) is NaN or infinite on
+    some rank; nothing was stepped."""
+
+    def __init__(self, loss: str, value: float):
+        super().__init__(f"the {loss} step's loss is {value}")
+        self.loss, self.value = loss, value
 
 
 class Detector(nn.Module):
-    """Base class of all variants."""
+    """Base class of all trained models."""
+
+    _dist: distributed.DistInfo = distributed.DistInfo()  # one process unless distribute() says
+
+    def distribute(self, info: distributed.DistInfo) -> None:
+        """Train as one of ``info.world_size`` ranks: :meth:`update` averages the gradients over
+        the ranks (the trainer calls this under torchrun; a no-op with one process)."""
+        self._dist = info
+
+    def update(self, optimizer: str, loss: torch.Tensor) -> float:
+        """One step of ``self.optimizers()[optimizer]`` on ``loss`` (a scalar): zero_grad,
+        backward, the gradients (and the loss) averaged over the ranks when distributed
+        (:func:`sparsegan.distributed.average_gradients`), then the NaN guard, then the step.
+        Returns the loss (averaged over the ranks). A NaN or infinite loss on any rank raises
+        :class:`Diverged` on every rank before the step, so the weights stay the last good ones."""
+        opt = self.optimizers()[optimizer]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for group in opt.param_groups for p in group["params"]]
+        value = distributed.average_gradients(params, loss.detach(), self._dist)
+        if not math.isfinite(value):
+            raise Diverged(optimizer, value)
+        opt.step()
+        return value
+
+    def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        """LR schedulers by name, stepped once per epoch by the trainer (none by default)."""
+        return {}
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimizers ``train_step`` uses, by name (saved in checkpoints)."""
@@ -39,8 +68,4 @@ class Detector(nn.Module):
 
     def train_step(self, x: torch.Tensor, phase: str) -> dict[str, float]:
         """One optimisation step on a batch of normal images; returns the losses for logging."""
-        raise NotImplementedError
-
-    def score(self, x: torch.Tensor) -> ScoreOutput:
-        """Anomaly scores and maps for a batch (eval mode; may use autograd, as AnoGAN's search)."""
         raise NotImplementedError

@@ -22,8 +22,8 @@ i.e. the pixel MSE plus kappa times the feature MSE, averaged over the batch. E 
 our G is trained on z ~ N(0, I), and tanh would confine E(x) to [-1, 1]^d, a small part of the
 prior's mass.
 
-Score (the paper's anomaly score): A(x) = A_R(x) + kappa * A_D(x), the same two terms per image:
-A_R = 1/n ||x - G(E(x))||^2, A_D = 1/n_d ||f(x) - f(G(E(x)))||^2.
+Score (the paper's anomaly score, :func:`sparsegan.anomaly.izif_score`): A(x) = A_R(x) + kappa *
+A_D(x), the same two terms per image: A_R = 1/n ||x - G(E(x))||^2, A_D = 1/n_d ||f(x) - f(G(E(x)))||^2.
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..distributed import unwrap
 from ..params import FanoganParams, ModelParams
-from .anomaly import difference_map
-from .base import Detector, ScoreOutput
+from .base import Detector
 from .gan_parts import Generator, frozen, gradient_penalty
 from .networks import Discriminator, Encoder, _init_weights, latent_shape
 
@@ -97,39 +95,27 @@ class FAnoGAN(Detector):
         "gp", "wasserstein" (mean D(x) - mean D(G(z))) and "g", the G objective -mean D(G(z)) on
         this step's fakes before the critic update, whether or not G is updated in this step.
         """
-        # when distributed, self.generator / self.critic are DDP wrappers and unwrap gives the
-        # bare networks: the critic's fakes need no gradient, so they come from the bare G
-        generator = unwrap(self.generator)
-        fake = generator(generator.sample_z(x.shape[0], x.device)).detach()
+        with torch.no_grad():  # the critic's fakes need no gradient
+            fake = self.generator(self.generator.sample_z(x.shape[0], x.device))
         d_real, d_fake = self.critic(x)[0], self.critic(fake)[0]  # (B,) each
-        # DDP works here: autograd.grad w.r.t. the images runs no parameter hook; the backward
-        # below reaches each critic parameter once (see sparsegan/distributed.py)
         gp = gradient_penalty(self.critic, x, fake)
         d_loss = d_fake.mean() - d_real.mean() + self.p.gp_weight * gp
-        opt_d = self._optimizers["critic"]
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
+        losses = {"gp": float(gp.detach()), "wasserstein": float((d_real - d_fake).mean().detach()),
+                  "g": float(-d_fake.mean().detach())}
+        losses["d"] = self.update("critic", d_loss)
         self.critic_steps += 1
         if int(self.critic_steps) % self.p.n_critic == 0:
-            critic = unwrap(self.critic)  # frozen: the bare critic, nothing for DDP to reduce
-            with frozen(critic):  # no batch norm in the critic: eval mode changes nothing
-                g_loss = -critic(self.generator(generator.sample_z(x.shape[0], x.device)))[0].mean()
-            opt_g = self._optimizers["generator"]
-            opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
-            opt_g.step()
-        return {"d": float(d_loss.detach()), "gp": float(gp.detach()),
-                "wasserstein": float((d_real - d_fake).mean().detach()),
-                "g": float(-d_fake.mean().detach())}
+            with frozen(self.critic):  # no batch norm in the critic: eval mode changes nothing
+                g_loss = -self.critic(self.generator(
+                    self.generator.sample_z(x.shape[0], x.device)))[0].mean()
+            self.update("generator", g_loss)
+        return losses
 
     def izif(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-image pixel MSE A_R (B,), feature MSE A_D (B,) and G(E(x)) (B, 1, S, S)."""
-        # G and D are frozen wherever this runs: their bare networks, not DDP wrappers
-        generator, critic = unwrap(self.generator), unwrap(self.critic)
-        reconstruction = generator(self.encoder(x))
+        reconstruction = self.generator(self.encoder(x))
         image_mse = (x - reconstruction).pow(2).flatten(1).mean(dim=1)  # 1/n ||x - G(E(x))||^2
-        feat_x, feat_re = critic(x)[1], critic(reconstruction)[1]
+        feat_x, feat_re = self.critic(x)[1], self.critic(reconstruction)[1]
         feature_mse = (feat_x - feat_re).pow(2).flatten(1).mean(dim=1)  # 1/n_d ||f(x) - f(.)||^2
         return image_mse, feature_mse, reconstruction
 
@@ -138,18 +124,6 @@ class FAnoGAN(Detector):
         with frozen(self.generator, self.critic):
             image_mse, feature_mse, _ = self.izif(x)
             loss = (image_mse + self.p.kappa * feature_mse).mean()
-            opt = self._optimizers["encoder"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return {"izif": float(loss.detach()), "image_mse": float(image_mse.mean().detach()),
-                "feature_mse": float(feature_mse.mean().detach())}
-
-    @torch.no_grad()
-    def score(self, x: torch.Tensor) -> ScoreOutput:
-        """A(x) = A_R + kappa * A_D (B,); maps {"difference": |x - G(E(x))|}; all in eval mode."""
-        with frozen(self.generator, self.critic, self.encoder):
-            image_mse, feature_mse, reconstruction = self.izif(x)
-        return ScoreOutput(score=image_mse + self.p.kappa * feature_mse,
-                           reconstruction=reconstruction,
-                           maps={"difference": difference_map(x, reconstruction)})
+            return {"izif": self.update("encoder", loss),
+                    "image_mse": float(image_mse.mean().detach()),
+                    "feature_mse": float(feature_mse.mean().detach())}

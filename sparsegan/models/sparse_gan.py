@@ -1,13 +1,14 @@
-"""Sparse-GAN and the generator-based rows of Table 1 as configurations of one model.
+"""Sparse-GAN and the generator-based models of Table 1 as configurations of one model.
 
-=================  ===========  ==========  ================  =====================
-variant            adversarial  SRN (L_sp)  anomaly score     paper
-=================  ===========  ==========  ================  =====================
-autoencoder        no           no          image (MSE)       "Auto-Encoder"
-pix2pix_image      yes          no          image (MSE)       "pix2pix #1"
-pix2pix_latent     yes          no          latent (eq. 4)    "pix2pix #2"
-sparse_gan         yes          yes         latent (eq. 4)    "Sparse-GAN"
-=================  ===========  ==========  ================  =====================
+===========  ===========  ==========  ==============================================
+model        adversarial  SRN (L_sp)  Table 1's rows (trained model, score)
+===========  ===========  ==========  ==============================================
+autoencoder  no           no          "Auto-Encoder" (image)
+pix2pix      yes          no          "pix2pix #1" (image), "pix2pix #2" (latent)
+sparse_gan   yes          yes         "Sparse-GAN" (latent)
+===========  ===========  ==========  ==============================================
+
+Both scores of each model (image MSE, latent eq. 4) come from :mod:`sparsegan.scoring`.
 
 ``H_in = G_en(I_in)``, ``I_re = G_de(H_in)``, ``H_re = E(I_re)`` with E = G_en (the same module, so
 the same weights, as the paper's "E shares the same values with G_en").
@@ -20,11 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..distributed import unwrap
 from ..params import ModelParams, SrnParams, TrainParams
-from .anomaly import (anomaly_activation_map, difference_map, image_anomaly_score,
-                      latent_anomaly_score, residual_activation_map)
-from .base import Detector, ScoreOutput
+from .base import Detector
 from .gan_parts import frozen
 from .losses import (discriminator_loss, generator_adversarial_loss, reconstruction_loss,
                      sparse_coding_loss)
@@ -35,14 +33,12 @@ from .networks import Decoder, Discriminator, Encoder, SparsityRegularizationNet
 class ReconstructionConfig:
     adversarial: bool
     sparsity: bool
-    score_level: str  # "image" or "latent"
 
 
 CONFIGS = {
-    "autoencoder": ReconstructionConfig(adversarial=False, sparsity=False, score_level="image"),
-    "pix2pix_image": ReconstructionConfig(adversarial=True, sparsity=False, score_level="image"),
-    "pix2pix_latent": ReconstructionConfig(adversarial=True, sparsity=False, score_level="latent"),
-    "sparse_gan": ReconstructionConfig(adversarial=True, sparsity=True, score_level="latent"),
+    "autoencoder": ReconstructionConfig(adversarial=False, sparsity=False),
+    "pix2pix": ReconstructionConfig(adversarial=True, sparsity=False),
+    "sparse_gan": ReconstructionConfig(adversarial=True, sparsity=True),
 }
 
 
@@ -95,7 +91,7 @@ class ReconstructionDetector(Detector):
         return self._optimizers
 
     def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
-        """Stepped once per epoch by the training loop (:func:`lr_schedule`)."""
+        """pix2pix's schedule (:func:`lr_schedule`), stepped once per epoch by the trainer."""
         return self._schedulers
 
     def phases(self) -> list[str]:
@@ -109,54 +105,30 @@ class ReconstructionDetector(Detector):
         """
         if self.srn_scale_invariant:
             latent = latent / latent.pow(2).mean(dim=(1, 2, 3), keepdim=True).add(1e-8).sqrt()
-        code = self.srn(latent)  # through DDP's forward when distributed
-        # W_d (reconstruct) and l1 live on the bare SRN; W_d's gradient still reaches DDP's hooks
-        srn = unwrap(self.srn)
-        return sparse_coding_loss(latent, code, srn.reconstruct(code), srn.l1)
+        code = self.srn(latent)
+        return sparse_coding_loss(latent, code, self.srn.reconstruct(code), self.srn.l1)
 
     def train_step(self, x: torch.Tensor, phase: str) -> dict[str, float]:
         t = self.train_params
         latent = self.encoder(x)  # H_in, (B, C, h, w)
         reconstruction = self.decoder(latent)  # I_re, (B, 1, S, S)
-        losses: dict[str, torch.Tensor] = {}
+        losses: dict[str, float] = {}
         if self.discriminator is not None:  # max_D L_adv: one D step, then one G step
             real_logit, _ = self.discriminator(x)
             fake_logit, _ = self.discriminator(reconstruction.detach())
-            losses["d"] = discriminator_loss(real_logit, fake_logit)
-            opt_d = self._optimizers["discriminator"]
-            opt_d.zero_grad(set_to_none=True)
-            losses["d"].backward()
-            opt_d.step()
-        losses["re"] = reconstruction_loss(x, reconstruction)
-        total = t.lambda_re * losses["re"]
+            losses["d"] = self.update("discriminator", discriminator_loss(real_logit, fake_logit))
+        re = reconstruction_loss(x, reconstruction)
+        total = t.lambda_re * re
+        parts = {"re": re}
         if self.discriminator is not None:
             # D's parameters need no gradient in the G step (saves D's weight-gradient convs);
-            # D stays in training mode (its batch statistics, as in the D step); the bare D, not
-            # its DDP wrapper (distributed): frozen, it has no gradient for DDP to reduce
-            discriminator = unwrap(self.discriminator)
-            with frozen(discriminator, eval_mode=False):
-                losses["adv"] = generator_adversarial_loss(discriminator(reconstruction)[0])
-            total = total + t.lambda_adv * losses["adv"]
+            # D stays in training mode (its batch statistics, as in the D step)
+            with frozen(self.discriminator, eval_mode=False):
+                parts["adv"] = generator_adversarial_loss(self.discriminator(reconstruction)[0])
+            total = total + t.lambda_adv * parts["adv"]
         if self.srn is not None:
-            losses["sp"] = self.sparsity_loss(latent)
-            total = total + t.lambda_sp * losses["sp"]
-        losses["g"] = total
-        opt_g = self._optimizers["generator"]
-        opt_g.zero_grad(set_to_none=True)
-        total.backward()
-        opt_g.step()
-        return {k: float(v.detach()) for k, v in losses.items()}
-
-    @torch.no_grad()
-    def score(self, x: torch.Tensor) -> ScoreOutput:
-        latent = self.encoder(x)  # H_in
-        reconstruction = self.decoder(latent)  # I_re
-        maps = {"difference": difference_map(x, reconstruction)}
-        if self.config.score_level == "latent":
-            latent_re = self.encoder(reconstruction)  # H_re = E(I_re), E = G_en
-            score = latent_anomaly_score(latent, latent_re)  # eq. 4
-            maps["aam"] = anomaly_activation_map(latent, latent_re, x.shape[-1])  # eq. 8
-            maps["aam_residual"] = residual_activation_map(latent, latent_re, x.shape[-1])
-        else:
-            score = image_anomaly_score(x, reconstruction)
-        return ScoreOutput(score=score, reconstruction=reconstruction, maps=maps)
+            parts["sp"] = self.sparsity_loss(latent)
+            total = total + t.lambda_sp * parts["sp"]
+        losses.update({k: float(v.detach()) for k, v in parts.items()})
+        losses["g"] = self.update("generator", total)
+        return losses

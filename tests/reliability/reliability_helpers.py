@@ -19,12 +19,12 @@ PYTHON = sys.executable
 
 # 32x32 images, base width 4, batches of 8, one thread: each epoch takes a few ms.
 TINY: dict = {
-    "seed": 0,
     "data": {"image_size": 32},
     "model": {"base_channels": 4},
     "train": {"epochs": 4, "batch_size": 8, "num_threads": 1, "device": "cpu"},
     "fanogan": {"latent_dim": 8, "epochs": 3, "encoder_epochs": 2, "n_critic": 5},
-    "anogan": {"latent_dim": 8, "epochs": 2, "search_steps": 2},
+    "anogan": {"latent_dim": 8, "epochs": 2},
+    "score": {"anogan": {"search_steps": 2}},
 }
 
 

@@ -1,5 +1,6 @@
-"""Point 2, divergence: a NaN/Inf loss stops training with an error naming variant, epoch and
-step; the last good checkpoint is kept unchanged (and still resumes); the stage CLI turns the
+"""Point 2, divergence: a NaN/Inf loss stops training, before that optimizer step
+(``Detector.update``), with an error naming model, seed, step, epoch and batch; the last good
+checkpoint is kept unchanged (and still resumes); the stage CLI turns the
 error into one line on stderr and exit code 2."""
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ import sparsegan.models.sparse_gan as sg
 from reliability_helpers import error_line, make_processed, run_stage, write_params
 from sparsegan.models import build_detector
 from sparsegan.params import load_params
-from sparsegan.train import train_variant
+from sparsegan.train import train_model
 
 
 def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_nan_loss_stops_with_variant_epoch_step_and_keeps_last_checkpoint(tmp_path, guard,
-                                                                          ledger, monkeypatch):
+def test_nan_loss_stops_with_model_epoch_step_and_keeps_last_checkpoint(tmp_path, guard,
+                                                                        ledger, monkeypatch):
     repo = tmp_path / "repo"
     params = load_params(write_params(repo, {"train": {"epochs": 3}}))
     make_processed(repo, n_train=24)  # 3 steps an epoch
@@ -38,15 +39,17 @@ def test_nan_loss_stops_with_variant_epoch_step_and_keeps_last_checkpoint(tmp_pa
         return real_step(self, x, phase)
 
     monkeypatch.setattr(sg.ReconstructionDetector, "train_step", poisoned)
-    args = ("sparse_gan", params, repo / "data/processed", repo / "models/sparse_gan",
+    args = ("sparse_gan", 0, params, repo / "data/processed", repo / "models/sparse_gan",
             repo / "checkpoints/sparse_gan")
     threads = torch.get_num_threads()
     try:
         with pytest.raises(FloatingPointError) as info:
-            train_variant(*args, log_mlflow=False)
+            train_model(*args, log_mlflow=False)
         ledger.faults()
         message = str(info.value)
-        assert "sparse_gan" in message and "epoch 2, step 2" in message
+        assert "[train sparse_gan s0]" in message and "epoch 2, step 2" in message
+        # the first step on the NaN batch (D's) is refused, before it changes anything
+        assert "the discriminator step's loss is nan" in message
         assert "nan" in message and str(checkpoint) in message and "\n" not in message
         # the last good checkpoint: unchanged since before the fault, loads, finite weights
         assert _sha(checkpoint) == at_fault["sha"]
@@ -60,7 +63,7 @@ def test_nan_loss_stops_with_variant_epoch_step_and_keeps_last_checkpoint(tmp_pa
 
         # the fault was transient: re-running with the same params resumes after epoch 1
         monkeypatch.setattr(sg.ReconstructionDetector, "train_step", real_step)
-        history = train_variant(*args, log_mlflow=False)
+        history = train_model(*args, log_mlflow=False)
     finally:
         torch.set_num_threads(threads)
     assert [r["epoch"] for r in history] == [1, 2, 3]
@@ -72,20 +75,16 @@ def test_inf_loss_is_caught_too(tmp_path, guard, ledger, monkeypatch):
     params = load_params(write_params(repo, {"train": {"epochs": 2}}))
     make_processed(repo, n_train=16)
     guard.protect(repo)
-    real_step = sg.ReconstructionDetector.train_step
-
-    def infinite(self, x, phase):
-        losses = real_step(self, x, phase)
-        return {**losses, "re": float("inf")}
-
-    monkeypatch.setattr(sg.ReconstructionDetector, "train_step", infinite)
+    real_loss = sg.reconstruction_loss
+    monkeypatch.setattr(sg, "reconstruction_loss",
+                        lambda x, rec: real_loss(x, rec) * float("inf"))  # an infinite L_re
     threads = torch.get_num_threads()
     try:
-        with pytest.raises(FloatingPointError, match=r"autoencoder.*loss re is inf at epoch 1, "
-                                                     r"step 1"):
-            train_variant("autoencoder", params, repo / "data/processed",
-                          repo / "models/autoencoder", repo / "checkpoints/autoencoder",
-                          log_mlflow=False)
+        with pytest.raises(FloatingPointError, match=r"autoencoder s3\] .*the generator step's "
+                                                     r"loss is inf at epoch 1, step 1"):
+            train_model("autoencoder", 3, params, repo / "data/processed",
+                        repo / "models/autoencoder", repo / "checkpoints/autoencoder",
+                        log_mlflow=False)
     finally:
         torch.set_num_threads(threads)
     ledger.faults()
@@ -100,11 +99,11 @@ def test_stage_cli_reports_divergence_in_one_line_exit_2(tmp_path, guard, ledger
     make_processed(repo, n_train=16)
     guard.protect(repo)
     ledger.faults()
-    res = run_stage("train", "sparse_gan", cwd=repo, MLFLOW_TRACKING_URI=mlflow_uri)
+    res = run_stage("train", "sparse_gan", "0", cwd=repo, MLFLOW_TRACKING_URI=mlflow_uri)
     assert res.returncode == 2, res.stderr
     line = error_line(res.stderr)
-    assert line.startswith("error: [train sparse_gan] training diverged: loss ")
+    assert line.startswith("error: [train sparse_gan s0] training diverged: the ")
     assert "at epoch 1, step 1" in line and "Lower train.lr" in line
-    assert torch.load(repo / "checkpoints/sparse_gan/checkpoint.pt",
+    assert torch.load(repo / "checkpoints/sparse_gan/s0/checkpoint.pt",
                       weights_only=True)["epoch"] == 0
     assert not (repo / "models").exists()

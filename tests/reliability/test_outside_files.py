@@ -22,7 +22,7 @@ from reliability_helpers import error_line, make_processed, run_stage, write_par
 from sparsegan.data.download import (ChecksumError, DownloadError, UnsafeArchiveError, download,
                                      safe_extract)
 from sparsegan.params import load_params
-from sparsegan.train import CheckpointError, load_trained, train_variant
+from sparsegan.train import CheckpointError, load_trained, train_model
 
 
 class Payload:
@@ -53,29 +53,30 @@ def test_pickle_payload_in_model_and_checkpoint_never_runs(tmp_path, guard, ledg
     params = load_params(write_params(repo))
     make_processed(repo, n_train=16)
     pwned = tmp_path / "PWNED"
-    model = repo / "models/sparse_gan/model.pt"
-    checkpoint = repo / "checkpoints/sparse_gan/checkpoint.pt"
-    _evil_checkpoint(model, pwned, variant="sparse_gan", image_size=32, config="x")
+    model = repo / "models/sparse_gan/s0/model.pt"
+    checkpoint = repo / "checkpoints/sparse_gan/s0/checkpoint.pt"
+    _evil_checkpoint(model, pwned, format=3, name="sparse_gan", seed=0, image_size=32,
+                     config="x")
     _evil_checkpoint(checkpoint, pwned, config="x", epoch=1, history=[], mlflow_run_id=None,
                      optimizers={}, rng={})
     guard.protect(repo)
     ledger.faults(3)
 
     with pytest.raises(CheckpointError, match="refused to load this trained model") as info:
-        load_trained(model.parent, variant="sparse_gan")
+        load_trained(model.parent, model="sparse_gan")
     assert str(model) in str(info.value) and "could run code" in str(info.value)
     assert not pwned.exists()
 
     threads = torch.get_num_threads()
     try:
         with pytest.raises(CheckpointError, match="refused to load this training checkpoint"):
-            train_variant("sparse_gan", params, repo / "data/processed", repo / "models/x",
-                          checkpoint.parent, log_mlflow=False)
+            train_model("sparse_gan", 0, params, repo / "data/processed", repo / "models/x",
+                        checkpoint.parent, log_mlflow=False)
     finally:
         torch.set_num_threads(threads)
     assert not pwned.exists() and checkpoint.exists()  # refused, and left for the user to see
 
-    res = run_stage("score", "sparse_gan", cwd=repo)
+    res = run_stage("score", "sparse_gan", "0", cwd=repo)
     assert res.returncode == 2
     assert "refused to load this trained model" in error_line(res.stderr)
     assert not pwned.exists() and not (repo / "scores").exists()
@@ -85,20 +86,31 @@ def test_pickle_payload_in_model_and_checkpoint_never_runs(tmp_path, guard, ledg
     (b"PK\x03\x04 truncated zip", "not a readable trained model"),
     (b"", "not a readable trained model"),
     (None, "not a trained model of this pipeline"),
-    ("v1", "from before model files described themselves"),
+    ("v1", r"a model file of an older layout \(format 1"),
+    ("v2", r"a model file of an older layout \(format 2"),
+    ("other_model", r"holds model 'pix2pix', not 'autoencoder'"),
+    ("bad_weights", r"its weights do not fit the architecture it describes"),
 ])
 def test_corrupt_or_foreign_model_files_give_a_clear_error(tmp_path, ledger, content, match):
-    model = tmp_path / "models/autoencoder/model.pt"
+    model = tmp_path / "models/autoencoder/s0/model.pt"
     model.parent.mkdir(parents=True)
     if content is None:
         torch.save({"weights": torch.zeros(3)}, model)  # safe, but not ours
     elif content == "v1":  # the weights-only layout of earlier versions: no stored params
         torch.save({"variant": "autoencoder", "image_size": 32, "model": {}}, model)
+    elif content == "v2":  # one file per variant, with its params
+        torch.save({"format": 2, "variant": "autoencoder", "image_size": 32, "params": {},
+                    "model": {}}, model)
+    elif content in ("other_model", "bad_weights"):  # format 3, of another model / no weights
+        torch.save({"format": 3, "name": "pix2pix" if content == "other_model" else "autoencoder",
+                    "seed": 0, "image_size": 32, "config": "x", "params": {}, "data": {},
+                    "model": {}}, model)
     else:
         model.write_bytes(content)
     ledger.inputs()
-    with pytest.raises(CheckpointError, match=match):
-        load_trained(model.parent, variant="autoencoder")
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_trained(model.parent, model="autoencoder")
+    assert str(model) in str(info.value) and "\n" not in str(info.value)  # one line, the file
 
 
 # ------------------------------------------------------------------------------------ archives

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,8 +21,8 @@ from reliability_helpers import (PYTHON, REPO, STAGES, make_processed, run_stage
                                  write_params)
 from sparsegan.data.dataset import load_split
 from sparsegan.scoring import score_images
-from sparsegan.params import VARIANTS, load_params
-from sparsegan.train import load_trained, train_variant
+from sparsegan.params import load_params
+from sparsegan.train import load_trained, train_model
 
 # Runs stages/train.py exactly as DVC does, with each batch slowed down (which changes no number)
 # and announced on stdout as "STEP <epoch> <step>", so that the test can kill it mid-epoch.
@@ -36,15 +37,16 @@ def slow(*args, **kwargs):
         time.sleep(0.05)
         yield x
 tr.iterate_batches = slow
-sys.argv = [sys.argv[2], sys.argv[1]]
+sys.argv = [sys.argv[2], sys.argv[1], "0"]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def _kill_mid_epoch(repo: Path, variant: str, epoch: int, step: int, env: dict) -> str:
+def _kill_mid_epoch(repo: Path, model: str, epoch: int, step: int, env: dict) -> str:
     """Start the stage, SIGKILL it when it reaches ``step`` of ``epoch``; its stdout so far."""
-    proc = subprocess.Popen([PYTHON, "-c", SLOW_TRAIN, variant, str(STAGES / "train.py")], cwd=repo, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([PYTHON, "-c", SLOW_TRAIN, model, str(STAGES / "train.py")],
+                            cwd=repo, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     seen, deadline = [], time.monotonic() + 90
     try:
         for line in proc.stdout:
@@ -62,31 +64,33 @@ def _kill_mid_epoch(repo: Path, variant: str, epoch: int, step: int, env: dict) 
     return "".join(seen)
 
 
-def _reference(tmp_path: Path, variant: str, params_file: Path) -> Path:
+def _reference(tmp_path: Path, model: str, params_file: Path) -> Path:
     """An uninterrupted run of the same params on the same arrays (in this process)."""
     ref = tmp_path / "reference"
     shutil.copytree(params_file.parent / "data", ref / "data")
     threads = torch.get_num_threads()
     try:
-        train_variant(variant, load_params(params_file), ref / "data/processed",
-                      ref / "models" / variant, ref / "checkpoints" / variant, log_mlflow=False)
+        train_model(model, 0, load_params(params_file), ref / "data/processed",
+                    ref / "models" / model / "s0", ref / "checkpoints" / model / "s0",
+                    log_mlflow=False)
     finally:
         torch.set_num_threads(threads)
-    return ref / "models" / variant
+    return ref / "models" / model / "s0"
 
 
-def _scores(variant: str, params_file: Path, model_dir: Path, processed: Path) -> torch.Tensor:
+def _scores(model: str, params_file: Path, model_dir: Path, processed: Path) -> torch.Tensor:
     params = load_params(params_file)
     torch.manual_seed(0)
-    detector = load_trained(model_dir, variant=variant, scoring=params).detector
+    detector = load_trained(model_dir, model=model).detector
     images, _, _ = load_split(processed, "val")
-    scores, _ = score_images(detector, images, 8, torch.device("cpu"), keep_maps=False)
-    return torch.from_numpy(scores)
+    by_score = score_images(detector, images, 8, torch.device("cpu"), keep_maps=False,
+                            knobs=params.score)
+    return torch.from_numpy(np.concatenate([s for s, _ in by_score.values()]))
 
 
-@pytest.mark.parametrize("variant,kill_epoch", [("sparse_gan", 3), ("fanogan", 4)])
+@pytest.mark.parametrize("model,kill_epoch", [("sparse_gan", 3), ("fanogan", 4)])
 def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, guard, ledger,
-                                                               mlflow_uri, variant, kill_epoch):
+                                                               mlflow_uri, model, kill_epoch):
     # sparse_gan: G + D + SRN, killed in epoch 3 of 4. fanogan: 3 WGAN-GP epochs (a G step every
     # 5th critic step, 6 steps an epoch: the critic step counter must survive) + 2 encoder epochs,
     # killed in epoch 4, the first encoder epoch.
@@ -96,49 +100,52 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, guard, 
     guard.protect(params_file, repo / "data")
     ledger.inputs(2)
     env = stage_env(MLFLOW_TRACKING_URI=mlflow_uri)
-    checkpoint = repo / "checkpoints" / variant / "checkpoint.pt"
+    checkpoint = repo / "checkpoints" / model / "s0" / "checkpoint.pt"
+    model_dir = repo / "models" / model / "s0"
 
-    out = _kill_mid_epoch(repo, variant, kill_epoch, 3, env)
+    out = _kill_mid_epoch(repo, model, kill_epoch, 3, env)
     ledger.faults()
     assert f"epoch {kill_epoch - 1}/" in out and f"epoch {kill_epoch}/" not in out
     killed = torch.load(checkpoint, weights_only=True)
     assert killed["epoch"] == kill_epoch - 1  # the last finished epoch, not a partial one
-    assert not (repo / "models" / variant).exists()
+    assert not model_dir.exists()
     # a kill during the next checkpoint write would leave a partial .tmp: it must be ignored
     checkpoint.with_name("checkpoint.pt.tmp").write_bytes(b"PK\x03\x04 half-written")
     ledger.faults()
 
-    done = run_stage("train", variant, cwd=repo, **{"MLFLOW_TRACKING_URI":
+    done = run_stage("train", model, "0", cwd=repo, **{"MLFLOW_TRACKING_URI":
                                                      env["MLFLOW_TRACKING_URI"]})
     assert done.returncode == 0, done.stderr
     assert f"resuming after epoch {kill_epoch - 1}" in done.stdout
     assert not checkpoint.exists()  # consumed once model.pt is saved
 
     # bit for bit: the same weights (incl. buffers such as critic_steps) and the same scores
-    ref_dir = _reference(tmp_path, variant, params_file)
-    ours = torch.load(repo / "models" / variant / "model.pt", weights_only=True)["model"]
+    ref_dir = _reference(tmp_path, model, params_file)
+    ours = torch.load(model_dir / "model.pt", weights_only=True)["model"]
     theirs = torch.load(ref_dir / "model.pt", weights_only=True)["model"]
     assert ours.keys() == theirs.keys()
     differ = [k for k in ours if not torch.equal(ours[k], theirs[k])]
     assert not differ, f"resumed weights differ from the uninterrupted run's: {differ[:5]}"
-    if variant == "fanogan":
+    if model == "fanogan":
         assert int(ours["critic_steps"]) == 3 * 6
     processed = repo / "data/processed"
-    assert torch.equal(_scores(variant, params_file, repo / "models" / variant, processed),
-                       _scores(variant, params_file, ref_dir, processed))
+    assert torch.equal(_scores(model, params_file, model_dir, processed),
+                       _scores(model, params_file, ref_dir, processed))
 
     # MLflow: the resumed run is the killed one, every epoch logged exactly once, no orphan run
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    run_id = json.loads((repo / "models" / variant / "mlflow_run.json").read_text())["run_id"]
+    run_id = json.loads((model_dir / "mlflow_run.json").read_text())["run_id"]
     assert run_id == killed["mlflow_run_id"]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
-    assert len(client.search_runs([run.info.experiment_id])) == 1
-    history = json.loads((repo / "models" / variant / "history.json").read_text())
+    # one training run (and its pipeline's parent run), no orphan
+    runs = client.search_runs([run.info.experiment_id])
+    assert len(runs) == 2 and run.data.tags["mlflow.parentRunId"] in {r.info.run_id for r in runs}
+    history = json.loads((model_dir / "history.json").read_text())
     n_epochs = len(history)
-    if variant == "sparse_gan":  # pix2pix's lr schedule (train.lr_decay 0.5 of 4 epochs) resumed
+    if model == "sparse_gan":  # pix2pix's lr schedule (train.lr_decay 0.5 of 4 epochs) resumed
         lr = load_params(params_file).train.lr
         for name in ("generator", "discriminator"):
             assert [r[f"lr_{name}"] for r in history] == pytest.approx([lr, lr, lr * 2 / 3, lr / 3])
@@ -169,17 +176,17 @@ def test_kill_between_checkpoint_and_mlflow_log_is_caught_up(tmp_path, guard, le
         return real_log(metrics, step=step, **kw)
 
     monkeypatch.setattr(mlflow, "log_metrics", die_at_epoch_2)
-    args = ("autoencoder", params, repo / "data/processed", repo / "models/autoencoder",
+    args = ("autoencoder", 0, params, repo / "data/processed", repo / "models/autoencoder",
             repo / "checkpoints/autoencoder")
     threads = torch.get_num_threads()
     try:
         with pytest.raises(KeyboardInterrupt):
-            tr.train_variant(*args)
+            tr.train_model(*args)
         ledger.faults()
         assert torch.load(repo / "checkpoints/autoencoder/checkpoint.pt",
                           weights_only=True)["epoch"] == 2
         monkeypatch.setattr(mlflow, "log_metrics", real_log)
-        history = tr.train_variant(*args)
+        history = tr.train_model(*args)
     finally:
         torch.set_num_threads(threads)
     run_id = json.loads((repo / "models/autoencoder/mlflow_run.json").read_text())["run_id"]
@@ -209,7 +216,7 @@ def test_checkpoint_of_other_params_or_data_is_set_aside_not_resumed_nor_deleted
         sg.ReconstructionDetector.train_step = stop_in_epoch_2
         try:
             with pytest.raises(KeyboardInterrupt):
-                train_variant("autoencoder", old, *args, log_mlflow=False)
+                train_model("autoencoder", 0, old, *args, log_mlflow=False)
         finally:
             sg.ReconstructionDetector.train_step = real_step
         ledger.faults()
@@ -224,7 +231,7 @@ def test_checkpoint_of_other_params_or_data_is_set_aside_not_resumed_nor_deleted
             make_processed(repo, n_train=16, seed=1)
         guard.protect(checkpoint, repo / "data", repo / "params.yaml")
         ledger.inputs()
-        history = train_variant("autoencoder", new, *args, log_mlflow=False)
+        history = train_model("autoencoder", 0, new, *args, log_mlflow=False)
     finally:
         torch.set_num_threads(threads)
     err = capsys.readouterr().err
@@ -237,21 +244,24 @@ def test_checkpoint_of_other_params_or_data_is_set_aside_not_resumed_nor_deleted
 
 
 def test_checkpoints_live_outside_dvc_outputs(tmp_path, monkeypatch):
-    """DVC deletes a stage's outs before re-running it; checkpoints/<variant> is none of them
-    (nor inside one), is ignored by git and DVC, and is where the train stage puts them."""
+    """DVC deletes a stage's outs before re-running it; checkpoints/<model>/s<seed> is none of
+    them (nor inside one), is ignored by git and DVC, and is where the train stage puts them."""
+    from sparsegan.params import MODELS
+
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    variants = list(yaml.safe_load((REPO / "params.yaml").read_text())["variants"]) or VARIANTS
     outs = []
     for stage in dvc["stages"].values():
         body = stage.get("do", stage)
-        keys = variants if "foreach" in stage else [None]
         for kind in ("outs", "metrics", "plots"):
             for entry in body.get(kind, []):
                 path = next(iter(entry)) if isinstance(entry, dict) else entry
-                outs += [Path(path.replace("${key}", k) if k else path) for k in keys]
-    assert any(p == Path("models/sparse_gan") for p in outs)
-    for v in variants:
-        ck = Path("checkpoints") / v
+                for model in MODELS:
+                    outs.append(Path(path.replace("${item.seed}", "0")
+                                     .replace("${item.model}", model).replace("${key}", model)
+                                     .replace("${item[0]}", model)))
+    assert Path("models/sparse_gan/s0") in outs
+    for model in MODELS:
+        ck = Path("checkpoints") / model / "s0"
         for out in outs:
             assert ck != out and out not in ck.parents and ck not in out.parents, (ck, out)
     for ignore in (".gitignore", ".dvcignore"):
@@ -260,9 +270,10 @@ def test_checkpoints_live_outside_dvc_outputs(tmp_path, monkeypatch):
     import runpy
     stage = runpy.run_path(str(STAGES / "train.py"))
     seen = {}
-    stage["main"].__globals__["train_variant"] = lambda *a, **k: seen.update(args=a)
+    stage["main"].__globals__["train_model"] = lambda *a, **k: seen.update(args=a)
     write_params(tmp_path)
     monkeypatch.chdir(tmp_path)
-    stage["main"]("sparse_gan")
-    assert seen["args"][4] == Path("checkpoints/sparse_gan")
-    assert seen["args"][3] == Path("models/sparse_gan")
+    stage["main"]("sparse_gan", "2")
+    assert seen["args"][:2] == ("sparse_gan", 2)
+    assert seen["args"][5] == Path("checkpoints/sparse_gan/s2")
+    assert seen["args"][4] == Path("models/sparse_gan/s2")

@@ -13,7 +13,7 @@ import pytest
 from reliability_helpers import error_line, files_under, make_processed, run_stage, write_params
 from sparsegan.params import load_params
 from sparsegan.tracking import TrackingError, check_tracking
-from sparsegan.train import train_variant
+from sparsegan.train import train_model
 
 
 def _closed_port() -> int:
@@ -31,7 +31,7 @@ def test_closed_port_fails_fast_in_the_stage_before_any_work(tmp_path, guard, le
     uri = f"http://127.0.0.1:{_closed_port()}"
     ledger.faults()
     tic = time.monotonic()
-    res = run_stage("train", "sparse_gan", cwd=repo, MLFLOW_TRACKING_URI=uri)
+    res = run_stage("train", "sparse_gan", "0", cwd=repo, MLFLOW_TRACKING_URI=uri)
     seconds = time.monotonic() - tic
     assert res.returncode == 2
     line = error_line(res.stderr)
@@ -50,10 +50,10 @@ def test_check_is_quick_and_names_the_fallback(monkeypatch, tmp_path, ledger):
     with pytest.raises(TrackingError, match="unset MLFLOW_TRACKING_URI to log to the local store"):
         check_tracking()
     assert time.monotonic() - tic < 5
-    # train_variant checks first: no data is even read (the folder does not exist)
+    # train_model checks first: no data is even read (the folder does not exist)
     with pytest.raises(TrackingError):
-        train_variant("autoencoder", load_params(write_params(tmp_path)), tmp_path / "nowhere",
-                      tmp_path / "models", tmp_path / "checkpoints")
+        train_model("autoencoder", 0, load_params(write_params(tmp_path)), tmp_path / "nowhere",
+                    tmp_path / "models", tmp_path / "checkpoints")
     assert not (tmp_path / "checkpoints").exists()
 
 
