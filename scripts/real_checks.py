@@ -246,9 +246,18 @@ ROWS = {"autoencoder": (("autoencoder",), "val_auc"), "anogan": (("anogan",), "v
         "sparse_gan": (("sparse_gan",), "val_auc")}
 
 
-def row_aucs(records: list[dict], label: str) -> dict[str, dict[int, float]]:
+def row_aucs(records: list[dict], label: str,
+             studies_dir: Path = ROOT / "studies") -> dict[str, dict[int, float]]:
     """Row -> seed -> validation AUC of the baseline check on the data ``label`` (the latest
-    record wins)."""
+    record wins). ``study:<name>``: the per-seed validation AUCs of a pipeline study instead
+    (``studies/<name>/metrics.json``, written by ``scripts/study.py run``)."""
+    if label.startswith("study:"):
+        path = studies_dir / label.split(":", 1)[1] / "metrics.json"
+        if not path.is_file():
+            raise SystemExit(f"{path}: not found; run `scripts/study.py run` for it first")
+        metrics = json.loads(path.read_text())["metrics"]
+        return {row: {int(s): v["val_auc"] for s, v in metrics[row]["seeds"].items()}
+                for row in ROWS if row in metrics}
     out: dict[str, dict[int, float]] = {}
     for r in records:
         if r.get("data", "real") != label or r["check"] != "baseline":
@@ -322,6 +331,15 @@ def agreement_report(pairs: list[tuple[str, str]], records: list[dict]) -> tuple
     return result, "\n".join(lines) + "\n"
 
 
+def _pair(arg: str) -> tuple[str, str]:
+    """``A:B`` -> (A, B); a ``study:<name>`` label keeps its colon (``real2:study:synthetic``)."""
+    a, b = arg.split(":", 1)
+    if a == "study":
+        name, b = b.split(":", 1)
+        a = f"study:{name}"
+    return a, b
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--folder", type=Path, help="the real tree; omitted: the synthetic default")
@@ -332,7 +350,8 @@ def main() -> None:
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--summary", action="store_true", help="write studies/real/checks.md")
     ap.add_argument("--agreement", nargs="+", metavar="A:B",
-                    help="rank agreement of data labels A and B (e.g. real2:synthetic3) -> "
+                    help="rank agreement of data labels A and B (e.g. real2:synthetic3, "
+                         "real2:study:synthetic for a make-study result) -> "
                          "studies/real/agreement.{json,md}")
     a = ap.parse_args()
     if a.summary:
@@ -343,7 +362,7 @@ def main() -> None:
     if a.agreement:
         records = [json.loads(x) for x in
                    (ROOT / "studies" / "real" / "checks.jsonl").read_text().splitlines()]
-        pairs = [tuple(p.split(":", 1)) for p in a.agreement]
+        pairs = [_pair(p) for p in a.agreement]
         result, md = agreement_report(pairs, records)
         (ROOT / "studies" / "real" / "agreement.json").write_text(json.dumps(result, indent=1)
                                                                  + "\n")

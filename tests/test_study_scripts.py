@@ -4,6 +4,7 @@ the multi-seed tables of scripts/study.py."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -52,6 +53,27 @@ def test_agreement_of_same_reversed_and_seed_averaged_rankings(checks):
     assert "| r vs s | 0,1 / 0 |" in md and result["r vs s"]["rows"] == sorted(checks.ROWS)
 
 
+def test_agreement_reads_a_pipeline_study_by_seed(checks, tmp_path):
+    """``study:<name>``: per-seed val AUCs of studies/<name>/metrics.json (every row there,
+    ablations ignored), against baseline records; the label keeps its colon in ``A:B``."""
+    seeds = {"0": 0.0, "1": 0.1}
+    metrics = {row: {"val_auc": 0.5, "seeds": {s: {"val_auc": base + d} for s, d in seeds.items()}}
+               for row, base in zip(checks.ROWS, (0.8, 0.6, 0.5, 0.75, 0.7, 0.65))}
+    metrics["sparse_gan_image"] = {"seeds": {"0": {"val_auc": 0.99}}}
+    (tmp_path / "syn").mkdir()
+    (tmp_path / "syn" / "metrics.json").write_text(json.dumps({"metrics": metrics}))
+    got = checks.row_aucs([], "study:syn", studies_dir=tmp_path)
+    assert set(got) == set(checks.ROWS)
+    assert got["anogan"] == {0: 0.6, 1: pytest.approx(0.7)}
+    real = checks.row_aucs(_records("r", {0: (0.8, 0.6, 0.5, 0.75, 0.7, 0.65)}), "r")
+    assert checks.agreement(real, got)["spearman_of_means"] == pytest.approx(1.0)
+    assert checks._pair("real2:study:syn") == ("real2", "study:syn")
+    assert checks._pair("study:syn:real2") == ("study:syn", "real2")
+    assert checks._pair("real2:synthetic3") == ("real2", "synthetic3")
+    with pytest.raises(SystemExit, match="missing.*metrics.json: not found"):
+        checks.row_aucs([], "study:missing", studies_dir=tmp_path)
+
+
 @pytest.fixture(scope="module")
 def study():
     sys.path.insert(0, str(SCRIPTS))
@@ -62,8 +84,6 @@ def study():
 
 
 def test_study_tables_come_from_the_pipelines_multi_seed_metrics(study, tmp_path):
-    import json
-
     from sparsegan.evaluate import summarize_seeds
 
     def seed(val, test):
