@@ -128,13 +128,20 @@ def train_step(detector: Detector, x: torch.Tensor, phase: str, device: torch.de
         return detector.train_step(x, phase)
 
 
+def trained_params(model: str, params: Params) -> dict[str, Any]:
+    """The flattened params (``"train.lr" -> 0.001``) that ``model``'s training reads
+    (:data:`~sparsegan.params.TRAIN_READS`): what its checkpoints are keyed by and its MLflow
+    run logs."""
+    reads = TRAIN_READS[model]
+    return {k: v for k, v in flatten(params).items()
+            if any(k == r or k.startswith(r + ".") for r in reads)}
+
+
 def config_hash(model: str, seed: int, params: Params, image_size: int) -> str:
     """Identifies what a checkpoint was trained with (the params ``model``'s training reads,
     :data:`~sparsegan.params.TRAIN_READS`), so that a resume never mixes settings."""
-    reads = TRAIN_READS[model]
-    relevant = {k: v for k, v in flatten(params).items()
-                if any(k == r or k.startswith(r + ".") for r in reads)}
-    payload = json.dumps([model, seed, image_size, relevant], sort_keys=True, default=str)
+    payload = json.dumps([model, seed, image_size, trained_params(model, params)],
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -351,9 +358,7 @@ def train_model(model: str, seed: int, params: Params, processed_dir: Path, mode
             import mlflow
             if active.info.run_id != run_id:  # a new run (or the old one is not in this store)
                 run_id = active.info.run_id
-                reads = TRAIN_READS[model]
-                mlflow.log_params({k: v for k, v in flatten(params).items()
-                                   if any(k == r or k.startswith(r + ".") for r in reads)})
+                mlflow.log_params(trained_params(model, params))
                 mlflow.log_params({"model": model, "seed": seed, "device": str(device),
                                    "n_train": len(images)})
                 log_training_data(images, processed_dir / "train.npy", params.data.source)
