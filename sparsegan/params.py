@@ -77,7 +77,7 @@ class SyntheticParams:
     """Counts of the embedded synthetic OCT generator (OCT2017 layout, see ``data/synthetic.py``)."""
 
     seed: int = 0
-    train_normal: int = _check(ge=1, default=2400)
+    train_normal: int = _check(ge=1, default=1400)
     train_per_disease: int = _check(ge=1, default=150)
     test_per_class: int = _check(ge=1, default=250)
     scans_per_patient: int = _check(ge=1, default=6)

@@ -131,6 +131,18 @@ def default_map(score: str) -> str:
     return "aam_residual" if score == "latent" else "difference"
 
 
+def signature():
+    """The screening model's input and output columns (module docstring): written down, not
+    inferred by running the model on an example."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec("double", "score"), ColSpec("double", "phi"),
+                        ColSpec("string", "decision"), ColSpec("string", "map_png")]))
+
+
 def log_screening_model(row: str, model_dir: Path, calibration: dict,
                         example_image: Path | None = None):
     """Log the pyfunc screening model of ``row`` (``model_dir`` holds the trained model of the
@@ -148,25 +160,14 @@ def log_screening_model(row: str, model_dir: Path, calibration: dict,
         shown = calibration.get("map") or default_map(calibration["score"])
         config.write_text(json.dumps(screening_config(calibration, shown), indent=1))
         artifacts = {"weights": str(model_dir / "model.pt"), "config": str(config)}
-        signature = input_example = None
-        if example_image is not None:
+        input_example = None
+        if example_image is not None:  # MLflow loads the logged model and runs it on this
             input_example = pd.DataFrame(
                 {"image": [base64.b64encode(Path(example_image).read_bytes()).decode()]})
-
-            class _Context:  # the example's output gives the signature
-                pass
-
-            ctx = _Context()
-            ctx.artifacts = artifacts
-            model = ScreeningModel()
-            model.load_context(ctx)
-            signature = mlflow.models.infer_signature(input_example,
-                                                      model.predict(ctx, input_example))
-        else:
-            load_trained(model_dir, model=calibration["model"])  # a bad file fails here, named
+        load_trained(model_dir, model=calibration["model"])  # a bad file fails here, named
         info = mlflow.pyfunc.log_model(
             name="screening", python_model=ScreeningModel(), artifacts=artifacts,
-            code_paths=[str(Path(__file__).resolve().parent)], signature=signature,
+            code_paths=[str(Path(__file__).resolve().parent)], signature=signature(),
             input_example=input_example, registered_model_name=registered_name(row),
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                               f"mlflow=={mlflow.__version__}", "numpy", "pandas", "pillow",

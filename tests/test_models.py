@@ -313,6 +313,17 @@ def test_schedulers_step_every_optimizer_of_a_model():
     assert [r["discriminator"] for r in lrs] == [r["generator"] for r in lrs]
 
 
+def test_optimizers_are_built_on_first_use_once_and_the_schedulers_drive_them():
+    det = make_detector("sparse_gan")
+    assert det._training is None  # scoring never builds them (no torch._dynamo import)
+    with torch.no_grad():
+        score_batch(det.eval(), layered_batch(2))
+    assert det._training is None
+    opts = det.optimizers()
+    assert set(opts) == {"generator", "discriminator"} and det.optimizers() is opts
+    assert [s.optimizer for s in det.schedulers().values()] == list(opts.values())
+
+
 def _train_and_score(seed: int) -> torch.Tensor:
     det = make_detector("sparse_gan", seed=seed).train()
     x = layered_batch(8)

@@ -126,6 +126,19 @@ def report(tmp_path_factory) -> dict:
     return {"root": root, "metrics": metrics, "figures": figures, "html": html_path}
 
 
+def test_figures_drawn_in_parallel_processes_are_the_serial_ones(report, tmp_path):
+    root = report["root"]
+    made = {w: make_figures({v: _files(root, v) for v in ROWS}, root / "data" / "processed",
+                            tmp_path / f"w{w}", workers=w) for w in (1, 2)}
+    assert [p.name for p in made[2]["sparse_gan"]] == ["scores.png", "losses.png", "gallery.png",
+                                                       "gallery_errors.png"]
+    for key, paths in made[1].items():
+        assert [p.relative_to(tmp_path / "w1") for p in paths] == \
+            [p.relative_to(tmp_path / "w2") for p in made[2][key]]
+        for a, b in zip(paths, made[2][key]):
+            assert a.read_bytes() == b.read_bytes(), a
+
+
 def _png_size(path: Path) -> tuple[int, int]:
     head = path.read_bytes()[:24]
     assert head[:8] == PNG_MAGIC, f"{path} is not a PNG"

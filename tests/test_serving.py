@@ -176,6 +176,9 @@ def test_registry_champion_pyfunc_and_model_uri_match_the_local_model(store, tmp
     assert model.metadata.get_input_schema().input_names() == ["image"]
     scans = store["scans"]
     out = model.predict(pd.DataFrame({"image": [_b64(scans / "s1.png"), str(scans / "s2.png")]}))
+    # the written-down signature is what the model returns
+    assert model.metadata.get_output_schema().input_names() == list(out.columns) == [
+        "score", "phi", "decision", "map_png"]
     local = _local(store, tmp_path / "local", seed=0)
     other_seed = _local(store, tmp_path / "local1", seed=1)
     by_uri = _predict_csv(["--model-uri", "models:/sparse-gan-oct-sparse_gan@champion",

@@ -32,15 +32,14 @@ class AnoGAN(Detector):
         norm = model.norm  # batch | none
         self.generator = Generator(image_size, model.base_channels, p.latent_dim, norm=norm)
         self.discriminator = Discriminator(image_size, model.base_channels, norm=norm)
+
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         betas = (0.5, 0.999)  # DCGAN (Radford et al. 2016)
-        self._optimizers = {
-            "generator": torch.optim.Adam(self.generator.parameters(), lr=p.lr, betas=betas),
-            "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=p.lr,
+        return {
+            "generator": torch.optim.Adam(self.generator.parameters(), lr=self.p.lr, betas=betas),
+            "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=self.p.lr,
                                               betas=betas),
         }
-
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return self._optimizers
 
     def phases(self) -> list[str]:
         return ["gan"] * self.p.epochs

@@ -54,13 +54,32 @@ class Detector(nn.Module):
         opt.step()
         return value
 
-    def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
-        """LR schedulers by name, stepped once per epoch by the trainer (none by default)."""
-        return {}
+    _training: tuple[dict, dict] | None = None  # (optimizers, schedulers), built on first use
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        """The optimizers ``train_step`` uses, by name (saved in checkpoints)."""
+        """The optimizers ``train_step`` uses, by name (saved in checkpoints), made by
+        :meth:`make_optimizers` on first use: a detector that only scores (the score and
+        evaluate stages, serving) never builds them, since a torch optimizer's constructor
+        imports ``torch._dynamo``, seconds of start-up in every such process."""
+        if self._training is None:
+            optimizers = self.make_optimizers()
+            self._training = (optimizers, self.make_schedulers(optimizers))
+        return self._training[0]
+
+    def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        """LR schedulers by name (:meth:`make_schedulers`), stepped once per epoch by the
+        trainer."""
+        self.optimizers()
+        return self._training[1]
+
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Build the optimizers of :meth:`optimizers` (called once)."""
         raise NotImplementedError
+
+    def make_schedulers(self, optimizers: dict[str, torch.optim.Optimizer]
+                        ) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+        """Build the LR schedulers of ``optimizers`` (called once; none by default)."""
+        return {}
 
     def phases(self) -> list[str]:
         """One entry per training epoch, naming the phase that epoch trains."""

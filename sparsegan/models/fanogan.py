@@ -67,16 +67,15 @@ class FAnoGAN(Detector):
         self.critic = Discriminator(image_size, model.base_channels, norm="none")
         self.encoder = LatentEncoder(image_size, model.base_channels, p.latent_dim, norm=norm)
         self.register_buffer("critic_steps", torch.zeros((), dtype=torch.long))
-        wgan_betas = (0.0, 0.9)  # WGAN-GP (Gulrajani et al. 2017, Algorithm 1)
-        self._optimizers = {
-            "generator": torch.optim.Adam(self.generator.parameters(), lr=p.lr, betas=wgan_betas),
-            "critic": torch.optim.Adam(self.critic.parameters(), lr=p.lr, betas=wgan_betas),
-            # the encoder is plain regression against a fixed G: Adam's default betas
-            "encoder": torch.optim.Adam(self.encoder.parameters(), lr=p.lr),
-        }
 
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return self._optimizers
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        lr, wgan_betas = self.p.lr, (0.0, 0.9)  # WGAN-GP (Gulrajani et al. 2017, Algorithm 1)
+        return {
+            "generator": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=wgan_betas),
+            "critic": torch.optim.Adam(self.critic.parameters(), lr=lr, betas=wgan_betas),
+            # the encoder is plain regression against a fixed G: Adam's default betas
+            "encoder": torch.optim.Adam(self.encoder.parameters(), lr=lr),
+        }
 
     def phases(self) -> list[str]:
         return ["gan"] * self.p.epochs + ["encoder"] * self.p.encoder_epochs

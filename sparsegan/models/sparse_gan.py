@@ -76,23 +76,23 @@ class ReconstructionDetector(Detector):
                                               srn.steps, srn.l1, unit_atoms=srn.unit_atoms)
                     if config.sparsity else None)
         self.srn_scale_invariant = srn.scale_invariant
-        betas = (train.beta1, 0.999)
+
+    def make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        train, betas = self.train_params, (self.train_params.beta1, 0.999)
         g_params = [p for m in (self.encoder, self.decoder, self.srn) if m is not None
                     for p in m.parameters()]
-        self._optimizers = {"generator": torch.optim.Adam(g_params, lr=train.lr, betas=betas)}
+        optimizers = {"generator": torch.optim.Adam(g_params, lr=train.lr, betas=betas)}
         if self.discriminator is not None:
-            self._optimizers["discriminator"] = torch.optim.Adam(
+            optimizers["discriminator"] = torch.optim.Adam(
                 self.discriminator.parameters(), lr=train.lr, betas=betas)
-        factor = lr_schedule(train.epochs, train.lr_decay)
-        self._schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, factor)
-                            for name, opt in self._optimizers.items()}
+        return optimizers
 
-    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return self._optimizers
-
-    def schedulers(self) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
+    def make_schedulers(self, optimizers: dict[str, torch.optim.Optimizer]
+                        ) -> dict[str, torch.optim.lr_scheduler.LRScheduler]:
         """pix2pix's schedule (:func:`lr_schedule`), stepped once per epoch by the trainer."""
-        return self._schedulers
+        factor = lr_schedule(self.train_params.epochs, self.train_params.lr_decay)
+        return {name: torch.optim.lr_scheduler.LambdaLR(opt, factor)
+                for name, opt in optimizers.items()}
 
     def phases(self) -> list[str]:
         return ["generator"] * self.train_params.epochs
