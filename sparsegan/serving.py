@@ -35,6 +35,8 @@ import numpy as np
 
 REGISTERED_PREFIX = "sparse-gan-oct-"
 CONFIG = "screening.json"
+# The output columns, in order, with their MLflow types: the one list predict and signature read.
+OUTPUTS = (("score", "double"), ("phi", "double"), ("decision", "string"), ("map_png", "string"))
 
 
 def registered_name(row: str) -> str:
@@ -119,10 +121,9 @@ class ScreeningModel(_pyfunc_base()):
             h = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
             png = io.BytesIO()
             Image.fromarray(np.rint(h * 255).astype(np.uint8)).save(png, "PNG")
-            rows.append({"score": float(score), "phi": cfg["phi"],
-                         "decision": "disease" if score > cfg["phi"] else "normal",
-                         "map_png": base64.b64encode(png.getvalue()).decode()})
-        return pd.DataFrame(rows)
+            rows.append((float(score), cfg["phi"], "disease" if score > cfg["phi"] else "normal",
+                         base64.b64encode(png.getvalue()).decode()))
+        return pd.DataFrame(rows, columns=[name for name, _ in OUTPUTS])
 
 
 def default_map(score: str) -> str:
@@ -139,8 +140,7 @@ def signature():
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "image")]),
-        outputs=Schema([ColSpec("double", "score"), ColSpec("double", "phi"),
-                        ColSpec("string", "decision"), ColSpec("string", "map_png")]))
+        outputs=Schema([ColSpec(kind, name) for name, kind in OUTPUTS]))
 
 
 def log_screening_model(row: str, model_dir: Path, calibration: dict,
