@@ -1,8 +1,8 @@
 """MLflow tracking in a sqlite store at the main repository's root: one parent run per pipeline
-run (named by the DVC experiment, else the commit) and under it one child run per trained
-(model, seed), named e.g. ``sparse_gan s1 exp-ab12``, which gets the training curves and the
-test metrics of every row scored from that model (``<row>.test_auc``, ...). The report stage
-logs into the parent run.
+run and set of params (named by the DVC experiment, else the commit) and under it one child run
+per trained (model, seed), named e.g. ``sparse_gan s1 exp-ab12``, which gets the training curves
+and the test metrics of every row scored from that model (``<row>.test_auc``, ...). The report
+stage logs into the parent run.
 
 ``dvc exp run --temp/--queue`` runs stages in ``.dvc/tmp/exps/...``; a relative
 ``sqlite:///mlflow.db`` would be created there and lost, so the default store is resolved to the
@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import http.client
+import json
 import os
 import subprocess
 import urllib.error
@@ -32,6 +34,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 EXPERIMENT = "sparse-gan-oct"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -148,6 +152,7 @@ def log_training_data(images, path: Path, source: str) -> None:
 
 
 PIPELINE_TAG = "sparsegan.pipeline"
+PARAMS_TAG = "sparsegan.params"
 
 
 def pipeline_name() -> str:
@@ -160,24 +165,42 @@ def pipeline_name() -> str:
     return f"commit {sha}" if sha else "workspace"
 
 
+def params_fingerprint(path: Path = Path("params.yaml")) -> str:
+    """8 hex digits of the parsed params file (comments and key order do not count); ``none``
+    without one."""
+    if not path.is_file():
+        return "none"
+    text = json.dumps(yaml.safe_load(path.read_text()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def pipeline_run_id() -> str:
-    """The parent run of this pipeline run (found by its tag, created once, under the store's
-    file lock so that stages started at once create one)."""
+    """The parent run of this pipeline run: the run tagged with its name *and* its params'
+    fingerprint (MLflow refuses to change a logged param, so the same experiment name or commit
+    re-run with other params, e.g. an edited ``params.yaml``, is another parent, named
+    ``<name> params-<fingerprint>``). Created once, under the store's file lock, so that stages
+    started at once create one."""
     from mlflow.tracking import MlflowClient
 
     uri = check_tracking()
     experiment = open_experiment(uri)
-    name = pipeline_name()
+    name, fingerprint = pipeline_name(), params_fingerprint()
     db = _sqlite_path(uri)
     with _store_lock(db):
         client = MlflowClient()
-        found = client.search_runs([experiment.experiment_id],
-                                   filter_string=f"tags.`{PIPELINE_TAG}` = '{name}'",
-                                   max_results=1, order_by=["attributes.start_time ASC"])
+
+        def search(extra: str = ""):
+            return client.search_runs([experiment.experiment_id],
+                                      filter_string=f"tags.`{PIPELINE_TAG}` = '{name}'" + extra,
+                                      max_results=1, order_by=["attributes.start_time ASC"])
+
+        found = search(f" and tags.`{PARAMS_TAG}` = '{fingerprint}'")
         if found:
             return found[0].info.run_id
-        run = client.create_run(experiment.experiment_id, run_name=name, tags={
-            PIPELINE_TAG: name, "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        run_name = f"{name} params-{fingerprint}" if search() else name
+        run = client.create_run(experiment.experiment_id, run_name=run_name, tags={
+            PIPELINE_TAG: name, PARAMS_TAG: fingerprint,
+            "git_commit": _git("rev-parse", "HEAD") or "unknown",
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "")})
         client.set_terminated(run.info.run_id)
         return run.info.run_id

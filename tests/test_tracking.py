@@ -107,6 +107,39 @@ def test_children_of_one_experiment_share_its_named_parent(tmp_path, monkeypatch
     assert len(client.search_runs([exp.experiment_id])) == 6  # 2 parents, 4 children
 
 
+def test_the_same_experiment_name_with_other_params_is_another_parent(tmp_path, monkeypatch):
+    """A study re-run under its name (or ``dvc repro`` at one commit after editing
+    ``params.yaml``) logs its params to the parent: MLflow refuses to change a logged param, so
+    other params get another parent, named apart; the same params (comments and key order aside)
+    find their parent again."""
+    import mlflow
+
+    from sparsegan.tracking import start_pipeline_run, start_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_EXP_NAME", "synthetic")
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    parents, children = [], []
+    for text in ("seeds: [0]\ndata: {train_normal: 2400}\n",
+                 "seeds: [0]\ndata: {train_normal: 1400}\n",
+                 "# the first again\ndata: {train_normal: 2400}\nseeds: [0]\n"):
+        params.write_text(text)
+        with start_run("autoencoder", 0) as child:
+            children.append(child.info.run_id)
+        with start_pipeline_run() as parent:
+            mlflow.log_params({"data.train_normal": text.split("train_normal: ")[1][:4]})
+            parents.append(parent.info.run_id)
+    assert parents[0] == parents[2] != parents[1]
+    client = mlflow.MlflowClient()
+    first, second = client.get_run(parents[0]), client.get_run(parents[1])
+    assert first.info.run_name == "synthetic"
+    assert second.info.run_name == f"synthetic params-{second.data.tags['sparsegan.params']}"
+    assert (first.data.params["data.train_normal"], second.data.params["data.train_normal"]) == (
+        "2400", "1400")
+    assert [client.get_run(c).data.tags["mlflow.parentRunId"] for c in children] == parents
+
+
 def test_without_a_dvc_experiment_the_parent_is_named_by_the_commit(tmp_path, monkeypatch):
     """`dvc repro` sets no DVC_EXP_NAME: the pipeline run is ``commit <short sha>`` (outside git
     ``workspace``); its children share that parent, and resuming a child (its run id from the
