@@ -113,3 +113,54 @@ def test_study_tables_come_from_the_pipelines_multi_seed_metrics(study, tmp_path
     assert "`dvc exp run -S seeds=[0,1]`" in md
     assert "| Auto-Encoder | 0.810 ± 0.014 [0.800-0.820] | 0.850 ± 0.014 [0.840-0.860]" in md
     assert "| Auto-Encoder | -0.130 | [-0.200, -0.060] | 0.002 |" in md
+
+
+def _scores_folder(folder, val_normal, val_sick, test_normal, patients, residual_rows):
+    """A ``scores/<model>/s0/<score>/`` folder: val.csv, test.csv (log scores given) and
+    test_maps.npz whose normal maps are 1 on ``residual_rows`` and 0 elsewhere."""
+    import numpy as np
+
+    folder.mkdir(parents=True)
+    header = "path,label,class,patient,mask,score\n"
+    val = [(0, p, s) for s, p in zip(val_normal, patients)] + [(1, "", s) for s in val_sick]
+    for name, rows in (("val", val), ("test", [(0, "", s) for s in test_normal])):
+        (folder / f"{name}.csv").write_text(header + "".join(
+            f"{name}/{i}.png,{label},{'NORMAL' if label == 0 else 'CNV'},{p},,{float(np.exp(s))!r}\n"
+            for i, (label, p, s) in enumerate(rows)))
+    maps = np.zeros((len(test_normal), 1, 8, 8), np.float16)
+    maps[:, 0, residual_rows] = 1
+    np.savez_compressed(folder / "test_maps.npz", difference=maps)
+
+
+def test_score_comparison_measures_spread_shift_patient_share_and_residual_depth(tmp_path):
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("compare_scores", SCRIPTS / "compare_scores.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    # synthetic: normals of 4 patients whose scans score alike (patient share near 1), lesions
+    # 2 sd above, test normals 1 sd above validation; residuals in the top quarter only
+    offsets = np.repeat([-1.5, -0.5, 0.5, 1.5], 5)
+    wobble = np.tile([-0.01, 0.0, 0.01, 0.0, 0.0], 4)
+    normal = offsets + wobble
+    sd = normal.std(ddof=1)
+    _scores_folder(tmp_path / "syn/autoencoder/s0/image", normal, np.median(normal) + 2 * sd
+                   + np.zeros(3), np.median(normal) + sd + np.zeros(4),
+                   [str(p) for p in np.repeat([1, 2, 3, 4], 5)], [0, 1])
+    # real: the same scores with patients that do not explain them, residuals in the bottom half
+    shuffled = normal.reshape(4, 5).T.ravel()  # each patient gets one scan of every offset
+    _scores_folder(tmp_path / "real/autoencoder/s0/image", shuffled, np.median(normal)
+                   + np.zeros(3), np.median(normal) + np.zeros(4),
+                   [str(p) for p in np.repeat([1, 2, 3, 4], 5)], [4, 5, 6, 7])
+    result = module.compare(tmp_path / "syn", tmp_path / "real", seed=0)
+    row = result["autoencoder/image"]
+    syn, real = row["synthetic"], row["real"]
+    assert syn["normal_sd"] == pytest.approx(sd) == pytest.approx(real["normal_sd"])
+    assert (syn["shift"], real["shift"]) == (pytest.approx(2.0, abs=1e-4), pytest.approx(0, abs=1e-4))
+    assert syn["test_minus_val"] == pytest.approx(1.0, abs=1e-4)
+    assert syn["patient_share"] > 0.99 and real["patient_share"] < 0
+    assert syn["patient_share_named"] == syn["patient_share"]  # numeric IDs: named patients
+    assert (syn["profile_top_quarter"], real["profile_bottom_quarter"]) == (1.0, 0.5)
+    assert row["profile_r"] < 0
+    with pytest.raises(SystemExit, match="no row"):
+        module.compare(tmp_path / "syn", tmp_path / "real", seed=1)
