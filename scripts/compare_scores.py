@@ -125,8 +125,8 @@ def compare(synthetic: Path, real: Path, seed: int) -> dict[str, dict]:
 
 
 def markdown(result: dict[str, dict]) -> str:
-    cols = ("normal_sd", "shift", "patient_share", "patient_share_named", "test_minus_val", "profile_top_quarter",
-            "profile_bottom_quarter")
+    cols = ("normal_sd", "shift", "patient_share", "patient_share_named", "test_minus_val",
+            "profile_top_quarter", "profile_bottom_quarter")
     lines = ["| row | " + " | ".join(f"{c} (syn / real)" for c in cols) + " | profile_r |",
              "|---" * (len(cols) + 2) + "|"]
     for name, row in result.items():

@@ -35,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import yaml
+from .params import load_params
 
 EXPERIMENT = "sparse-gan-oct"
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -166,11 +166,12 @@ def pipeline_name() -> str:
 
 
 def params_fingerprint(path: Path = Path("params.yaml")) -> str:
-    """8 hex digits of the parsed params file (comments and key order do not count); ``none``
-    without one."""
+    """8 hex digits of the params the pipeline runs on (the parsed file with its defaults filled
+    in, flattened as the runs log them: comments, key order and a spelled-out default do not
+    count); ``none`` without a params file."""
     if not path.is_file():
         return "none"
-    text = json.dumps(yaml.safe_load(path.read_text()), sort_keys=True, default=str)
+    text = json.dumps(flatten(load_params(path)), sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 

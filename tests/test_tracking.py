@@ -110,8 +110,8 @@ def test_children_of_one_experiment_share_its_named_parent(tmp_path, monkeypatch
 def test_the_same_experiment_name_with_other_params_is_another_parent(tmp_path, monkeypatch):
     """A study re-run under its name (or ``dvc repro`` at one commit after editing
     ``params.yaml``) logs its params to the parent: MLflow refuses to change a logged param, so
-    other params get another parent, named apart; the same params (comments and key order aside)
-    find their parent again."""
+    other params get another parent, named apart; the same params (comments, key order and a
+    spelled-out default aside) find their parent again."""
     import mlflow
 
     from sparsegan.tracking import start_pipeline_run, start_run
@@ -121,9 +121,10 @@ def test_the_same_experiment_name_with_other_params_is_another_parent(tmp_path, 
     monkeypatch.chdir(tmp_path)
     params = tmp_path / "params.yaml"
     parents, children = [], []
-    for text in ("seeds: [0]\ndata: {train_normal: 2400}\n",
-                 "seeds: [0]\ndata: {train_normal: 1400}\n",
-                 "# the first again\ndata: {train_normal: 2400}\nseeds: [0]\n"):
+    for text in ("seeds: [0]\ndata: {synthetic: {train_normal: 2400}}\n",
+                 "seeds: [0]\ndata: {synthetic: {train_normal: 1400}}\n",
+                 "# the first again, one default spelled out\n"
+                 "data: {synthetic: {train_normal: 2400}, image_size: 64}\nseeds: [0]\n"):
         params.write_text(text)
         with start_run("autoencoder", 0) as child:
             children.append(child.info.run_id)
