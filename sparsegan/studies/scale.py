@@ -1,0 +1,320 @@
+"""The scale study: does Sparse-GAN overtake its ablations as training grows toward the paper's?
+
+Each **arm** is a set of ``dvc exp run -S`` overrides on top of the real-data split
+(:mod:`sparsegan.studies.real`), run over the same training seeds as one DVC experiment named
+``scale-<arm>`` in the repository's workspace. Only the reconstruction rows' calibrations are
+targeted, so AnoGAN and f-AnoGAN are trained only in arms that change what they see (the image
+size, :data:`ARMS` ``baselines``); the test split is never scored by an arm.
+
+Per arm (``studies/scale/arms/<arm>.json``, read from the workspace right after the run): every
+targeted row's validation AUC per seed (scan and patient level), its per-class validation AUC
+(NORMAL against one disease) with a patient-bootstrap interval, each model's training seconds
+(from its history) and training FLOPs (:func:`sparsegan.flops.training_flops`), the arm's wall
+time, and the commit it ran on. :func:`collect` pairs the rows by seed into the endpoints of
+:data:`PAIRS` (``results.json`` / ``results.md``) and draws ``scale.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..params import DEFAULT_ROWS, DISEASES, load_params
+from ..stats import paired_over_seeds, patient_bootstrap
+from .real import real_overrides
+
+RECONSTRUCTION_ROWS = ("autoencoder", "pix2pix_image", "pix2pix_latent", "sparse_gan",
+                       "autoencoder_latent", "sparse_gan_image")
+BASELINE_ROWS = ("anogan", "fanogan")
+
+# arm -> overrides (as `dvc exp run -S key=value`); ``baselines``: also (re-)train AnoGAN and
+# f-AnoGAN (the arm changes their input). Training length first, then size, then the SRN's knobs.
+ARMS: dict[str, dict] = {
+    "e60": {"overrides": {"train.epochs": "60"}},
+    "e120": {"overrides": {"train.epochs": "120"}},
+    "e240": {"overrides": {"train.epochs": "240"}},
+    "e60_w32": {"overrides": {"train.epochs": "60", "model.base_channels": "32"}},
+    "e60_s112": {"overrides": {"train.epochs": "60", "data.image_size": "112"}, "baselines": True},
+    "e60_lsp5": {"overrides": {"train.epochs": "60", "train.lambda_sp": "5"}},
+    "e60_lsp200": {"overrides": {"train.epochs": "60", "train.lambda_sp": "200"}},
+    "e60_code2x": {"overrides": {"train.epochs": "60", "srn.code_channels": "128"}},
+    "e60_l1x10": {"overrides": {"train.epochs": "60", "srn.l1": "1.0"}},
+}
+
+# The endpoints: (name, row A, row B), each the per-seed difference A - B of validation AUC.
+PAIRS = (
+    ("Sparse-GAN - pix2pix #2 (latent)", "sparse_gan", "pix2pix_latent"),
+    ("Sparse-GAN - pix2pix #1 (image)", "sparse_gan", "pix2pix_image"),
+    ("Sparse-GAN - Auto-Encoder", "sparse_gan", "autoencoder"),
+    ("Auto-Encoder latent - image", "autoencoder_latent", "autoencoder"),
+    ("pix2pix latent - image", "pix2pix_latent", "pix2pix_image"),
+    ("Sparse-GAN latent - image", "sparse_gan", "sparse_gan_image"),
+)
+
+
+def arm_rows(arm: str) -> tuple[str, ...]:
+    spec = ARMS[arm]
+    return RECONSTRUCTION_ROWS + (BASELINE_ROWS if spec.get("baselines") else ())
+
+
+def arm_command(arm: str, seeds: list[int], folder: Path, patients: Path | None) -> list[str]:
+    """The ``dvc exp run`` of one arm: the real split, the arm's overrides, its rows' calibrate
+    stages as targets (so nothing else is trained and nothing is evaluated on test)."""
+    if arm not in ARMS:
+        raise SystemExit(f"arm {arm!r}: unknown; known arms: {', '.join(ARMS)}")
+    overrides = {"seeds": "[" + ",".join(map(str, seeds)) + "]",
+                 **real_overrides(folder, patients), **ARMS[arm]["overrides"]}
+    cmd = ["dvc", "exp", "run", "-n", f"scale-{arm}"]
+    for k, v in overrides.items():
+        cmd += ["-S", f"{k}={v}"]
+    return cmd + [f"calibrate@{row}" for row in arm_rows(arm)]
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def _by_class(val, phi: float) -> dict[str, dict]:
+    """NORMAL against each disease of the validation scans: AUC and 95% patient-bootstrap
+    interval (scans without a patient are their own patient), with the counts."""
+    out = {}
+    normal = val["class"] == "NORMAL"
+    for cls in DISEASES:
+        keep = normal | (val["class"] == cls)
+        sub = val[keep]
+        n_sick = int((sub["class"] == cls).sum())
+        if n_sick == 0:
+            continue
+        patients = [p or f"scan:{i}" for i, p in zip(sub.index, sub["patient"])]
+        b = patient_bootstrap(sub["label"].to_numpy(), sub["score"].to_numpy(), patients, phi,
+                              n_boot=1000, seed=0)
+        out[cls] = {"auc": b.point["auc"], "low": b["auc"][0], "high": b["auc"][1],
+                    "n": n_sick, "n_normal": int(normal.sum())}
+    return out
+
+
+def read_arm(root: Path, arm: str, seeds: list[int]) -> dict:
+    """What the arm's experiment left in the workspace ``root`` (see the module doc)."""
+    import pandas as pd
+
+    from ..flops import training_flops
+
+    params = load_params(root / "params.yaml")
+    rows = {}
+    for row in arm_rows(arm):
+        model, score = DEFAULT_ROWS[row]
+        entry: dict = {"val_auc": {}, "val_patient_auc": {}, "val_auc_by_class": {}}
+        for s in seeds:
+            cal = json.loads((root / "reports/rows" / row / "calibration" / f"s{s}.json").read_text())
+            entry["val_auc"][str(s)] = cal["validation"]["auc"]
+            if "patient" in cal:
+                entry["val_patient_auc"][str(s)] = cal["patient"]["validation"]["auc"]
+            val = pd.read_csv(root / "scores" / model / f"s{s}" / score / "val.csv",
+                              dtype={"patient": str}, keep_default_na=False)
+            entry["val_auc_by_class"][str(s)] = _by_class(val, cal["phi"])
+        rows[row] = entry
+    n_train = int(np.load(root / "data/processed/train.npy", mmap_mode="r").shape[0])
+    models = {}
+    for model in dict.fromkeys(DEFAULT_ROWS[r][0] for r in rows):
+        seconds = {}
+        for s in seeds:
+            history = json.loads((root / "models" / model / f"s{s}" / "history.json").read_text())
+            seconds[str(s)] = float(sum(n_train / h["images_per_s"] for h in history))
+        models[model] = {"train_s": seconds,
+                         "train_flops": training_flops(model, params, params.data.image_size,
+                                                       n_train)}
+    return {"arm": arm, "overrides": ARMS[arm]["overrides"], "seeds": seeds,
+            "image_size": params.data.image_size, "base_channels": params.model.base_channels,
+            "epochs": params.train.epochs, "n_train": n_train, "rows": rows, "models": models}
+
+
+def run_arm(root: Path, arm: str, seeds: list[int], folder: Path, patients: Path | None,
+            out_dir: Path) -> dict:
+    """Run one arm in the workspace ``root``, record it in ``out_dir/arms/<arm>.json``, and put
+    the workspace's params and tracked reports back as committed (the next arm starts from the
+    defaults; its outputs stay in the DVC cache and run-cache)."""
+    cmd = arm_command(arm, seeds, folder, patients)
+    commit = _git(root, "rev-parse", "HEAD")
+    if _git(root, "status", "--porcelain", "--untracked-files=no"):
+        raise SystemExit(f"{root}: uncommitted changes; an arm runs on a committed tree "
+                         "(its record names the commit)")
+    print("+", " ".join(cmd), flush=True)
+    tic = time.time()
+    subprocess.run(cmd, cwd=root, check=True)  # a failure leaves the workspace as it is
+    record = read_arm(root, arm, seeds)
+    subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock", "reports"], cwd=root,
+                   check=True)
+    record.update({"command": " ".join(cmd), "commit": commit,
+                   "wall_s": round(time.time() - tic, 1)})
+    (out_dir / "arms").mkdir(parents=True, exist_ok=True)
+    (out_dir / "arms" / f"{arm}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting the arms
+
+
+def _mean_sd(values: list[float]) -> dict[str, float]:
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
+            "min": float(v.min()), "max": float(v.max()), "n": int(len(v))}
+
+
+def summarise_arm(record: dict) -> dict:
+    """The endpoints of one arm: paired per-seed differences (:data:`PAIRS`), every row's
+    validation AUC over seeds, per-class AUCs (seed means of the AUC and of the interval's
+    ends), and the cost (Sparse-GAN's training FLOPs; the training minutes of all models the
+    arm trained)."""
+    rows = record["rows"]
+    val = {r: {int(s): v for s, v in e["val_auc"].items()} for r, e in rows.items()}
+    pairs = {name: paired_over_seeds(val[a], val[b]) for name, a, b in PAIRS
+             if a in val and b in val}
+    by_class: dict[str, dict] = {}
+    for r, e in rows.items():
+        for cls in DISEASES:
+            per_seed = [c[cls] for c in e["val_auc_by_class"].values() if cls in c]
+            if per_seed:
+                by_class.setdefault(r, {})[cls] = {
+                    k: float(np.mean([p[k] for p in per_seed])) for k in ("auc", "low", "high")
+                } | {"n": per_seed[0]["n"], "seeds": len(per_seed)}
+    models = record["models"]
+    return {"arm": record["arm"], "overrides": record["overrides"], "commit": record["commit"],
+            "seeds": record["seeds"], "epochs": record["epochs"],
+            "image_size": record["image_size"], "base_channels": record["base_channels"],
+            "sparse_gan_train_pflops": models["sparse_gan"]["train_flops"] / 1e15,
+            "train_flops": {m: v["train_flops"] for m, v in models.items()},
+            "train_cpu_minutes": {m: _mean_sd([s / 60 for s in v["train_s"].values()])
+                                  for m, v in models.items()},
+            "wall_minutes": record["wall_s"] / 60,
+            "val_auc": {r: _mean_sd(list(v.values())) for r, v in val.items()},
+            "paired_val_auc": pairs, "val_auc_by_class": by_class}
+
+
+def collect(out_dir: Path) -> dict:
+    """``out_dir/results.{json,md}`` and ``scale.png`` from every ``out_dir/arms/*.json``, arms
+    in :data:`ARMS` order."""
+    files = {p.stem: p for p in (out_dir / "arms").glob("*.json")}
+    if not files:
+        raise SystemExit(f"{out_dir}/arms: no arm records; run `scripts/scale.py run` first")
+    order = [a for a in ARMS if a in files] + sorted(set(files) - set(ARMS))
+    arms = {a: summarise_arm(json.loads(files[a].read_text())) for a in order}
+    result = {"what": "validation AUC on the real split (studies/real), 3 training seeds per arm "
+                      "unless stated; test never scored", "arms": arms}
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out_dir / "results.md").write_text(markdown(result))
+    figure(result, out_dir / "scale.png")
+    return result
+
+
+def markdown(result: dict) -> str:
+    arms = result["arms"]
+    lines = ["# Scale study (real validation split, paired by training seed)", "",
+             "Made by `python scripts/scale.py collect` from `studies/scale/arms/*.json`; each arm "
+             "one `dvc exp run` (its command and commit are in its record). Cells: mean ± sd "
+             "over seeds [min, max], wins = seeds where A > B.", "",
+             "| arm | epochs | size | width | Sparse-GAN PFLOPs | CPU min (SG / p2p / AE) | "
+             + " | ".join(name for name, _, _ in PAIRS) + " |",
+             "|---" * (5 + len(PAIRS)) + "|"]
+    for a, s in arms.items():
+        cpu = s["train_cpu_minutes"]
+        cells = []
+        for name, _, _ in PAIRS:
+            d = s["paired_val_auc"].get(name)
+            cells.append("-" if d is None else f"{d['mean']:+.3f} ± {d['sd']:.3f} "
+                         f"[{d['min']:+.3f}, {d['max']:+.3f}] {d['wins']}/{d['n']}")
+        lines.append(f"| {a} | {s['epochs']} | {s['image_size']} | {s['base_channels']} | "
+                     f"{s['sparse_gan_train_pflops']:.2f} | "
+                     + " / ".join(f"{cpu[m]['mean']:.1f}" for m in
+                                  ("sparse_gan", "pix2pix", "autoencoder") if m in cpu)
+                     + " | " + " | ".join(cells) + " |")
+    rows = list(dict.fromkeys(r for s in arms.values() for r in s["val_auc"]))
+    lines += ["", "Validation AUC per row (mean ± sd over seeds).", "",
+              "| arm | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for a, s in arms.items():
+        lines.append(f"| {a} | " + " | ".join(
+            f"{s['val_auc'][r]['mean']:.3f} ± {s['val_auc'][r]['sd']:.3f}" if r in s["val_auc"]
+            else "-" for r in rows) + " |")
+    lines += ["", "Per-class validation AUC, NORMAL against one disease (seed means of the AUC "
+              "and of its 95% patient-bootstrap interval; n = diseased validation scans).", "",
+              "| arm | row | " + " | ".join(DISEASES) + " |", "|---|---|---|---|---|"]
+    for a, s in arms.items():
+        for r, by in s["val_auc_by_class"].items():
+            lines.append(f"| {a} | {r} | " + " | ".join(
+                f"{by[c]['auc']:.3f} [{by[c]['low']:.3f}, {by[c]['high']:.3f}] (n={by[c]['n']})"
+                if c in by else "-" for c in DISEASES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(result: dict, out: Path) -> None:
+    """Top: Sparse-GAN minus each ablation (validation AUC, mean ± sd over seeds) against
+    Sparse-GAN's training compute (log axis); the training-length arms joined by lines, other
+    arms as labelled points. Bottom, same axis: the best row's validation AUC and Sparse-GAN's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = result["arms"]
+    length = [a for a, s in arms.items() if set(s["overrides"]) == {"train.epochs"}]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 7), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 2]})
+    colours = {"Sparse-GAN - pix2pix #2 (latent)": "C0", "Sparse-GAN - pix2pix #1 (image)": "C1",
+               "Sparse-GAN - Auto-Encoder": "C2"}
+    for name, colour in colours.items():
+        xs, ys, es = [], [], []
+        for a in length:
+            d = arms[a]["paired_val_auc"].get(name)
+            if d:
+                xs.append(arms[a]["sparse_gan_train_pflops"])
+                ys.append(d["mean"])
+                es.append(0 if np.isnan(d["sd"]) else d["sd"])
+        top.errorbar(xs, ys, yerr=es, color=colour, marker="o", capsize=3, label=name)
+        for a, s in arms.items():
+            d = s["paired_val_auc"].get(name)
+            if a in length or d is None:
+                continue
+            top.errorbar([s["sparse_gan_train_pflops"]], [d["mean"]],
+                         yerr=[0 if np.isnan(d["sd"]) else d["sd"]], color=colour, marker="s",
+                         capsize=3, alpha=0.6)
+            if name == "Sparse-GAN - pix2pix #2 (latent)":
+                top.annotate(a, (s["sparse_gan_train_pflops"], d["mean"]), fontsize=7,
+                             xytext=(4, 4), textcoords="offset points")
+    for a in length:
+        top.annotate(f"{arms[a]['epochs']} ep", (arms[a]["sparse_gan_train_pflops"],
+                                                 arms[a]["paired_val_auc"][
+                                                     "Sparse-GAN - pix2pix #2 (latent)"]["mean"]),
+                     fontsize=7, xytext=(4, -10), textcoords="offset points")
+    top.axhline(0, color="k", lw=0.8)
+    top.set_ylabel("val AUC difference\n(> 0: Sparse-GAN ahead)")
+    top.set_title("Sparse-GAN vs its ablations on real validation scans, paired by seed")
+    top.legend(fontsize=8, loc="lower right")
+    top.grid(alpha=0.3)
+    xs = [s["sparse_gan_train_pflops"] for s in arms.values()]
+    best = [max(s["val_auc"].values(), key=lambda v: v["mean"]) for s in arms.values()]
+    best_row = [max(s["val_auc"], key=lambda r: s["val_auc"][r]["mean"]) for s in arms.values()]
+    sg = [s["val_auc"]["sparse_gan"] for s in arms.values()]
+    order = np.argsort(xs)
+    bottom.errorbar(np.array(xs)[order], [best[i]["mean"] for i in order],
+                    yerr=[np.nan_to_num(best[i]["sd"]) for i in order], marker="o", color="k",
+                    linestyle="none", capsize=3, label="best row of the arm")
+    for i in order:
+        bottom.annotate(best_row[i], (xs[i], best[i]["mean"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
+    bottom.errorbar(np.array(xs)[order], [sg[i]["mean"] for i in order],
+                    yerr=[np.nan_to_num(sg[i]["sd"]) for i in order], marker="o", color="C3",
+                    linestyle="none", capsize=3, label="Sparse-GAN")
+    bottom.set_xscale("log")
+    bottom.set_xlabel("training compute of one Sparse-GAN (PFLOPs, log scale)")
+    bottom.set_ylabel("val AUC")
+    bottom.legend(fontsize=8, loc="lower right")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, metadata={"Software": None})
+    plt.close(fig)
