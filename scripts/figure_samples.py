@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from sparsegan.data import synthetic  # noqa: E402
-from sparsegan.params import CLASSES  # noqa: E402
+from sparsegan.data import synthetic
+from sparsegan.params import CLASSES
 
 TILE = (256, 248)  # width, height of one scan in the grid (the real aspect 512x496)
 

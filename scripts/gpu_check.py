@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PAPER_TRAIN_IMAGES = 50_140  # normal training scans of OCT2017 v3 minus 1,000 for validation
 
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10, help="untimed steps first (cuDNN autotune)")
     ap.add_argument("--images", type=int, default=1024, help="images in the memmapped array")
     ap.add_argument("--max-seconds", type=float, default=240.0)
-    ap.add_argument("--compile", action="store_true", help="train.compile (torch.compile)")
+    ap.add_argument("--compile", action="store_true", help="runtime.compile (torch.compile)")
     ap.add_argument("--out", help="also write the results as JSON here")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: logic smoke test
     args = ap.parse_args(argv)
@@ -85,23 +84,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from sparsegan.data.dataset import iterate_batches
-    from sparsegan.params import ModelParams, Params, TrainParams
+    from sparsegan.flops import count_flops  # FLOP formulas of torch.utils.flop_counter
+    from sparsegan.params import ModelParams, Params, RuntimeParams, TrainParams
     from sparsegan.train import compile_networks, setup_detector, train_step
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench import _count_flops  # FLOP formulas of torch.utils.flop_counter
 
     started = time.perf_counter()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     params = Params(model=ModelParams(base_channels=args.base),
-                    train=TrainParams(batch_size=args.batch, device=device.type))
+                    train=TrainParams(batch_size=args.batch),
+                    runtime=RuntimeParams(device=device.type))
     # the training's own set-up and step (sparsegan.train); compiled below, after the count
     detector = setup_detector(args.model, 0, params, args.size, device)
     phase = detector.phases()[0]
     # counted FLOPs of one step (eager, before any compilation; the step's update is harmless)
     zeros = torch.zeros(args.batch, 1, args.size, args.size, device=device)
-    flops = _count_flops(lambda: train_step(detector, zeros, phase, device), 1) / args.batch
+    flops = count_flops(lambda: train_step(detector, zeros, phase, device), 1) / args.batch
     del zeros
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -23,10 +23,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from sparsegan.params import MODELS  # noqa: E402
-from sparsegan.tracking import EXPERIMENT  # noqa: E402
+from sparsegan.params import MODELS
+from sparsegan.tracking import EXPERIMENT
 
 
 def _free_port() -> int:

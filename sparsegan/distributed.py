@@ -1,6 +1,6 @@
 """Data-parallel training on several GPUs (or CPU processes) under ``torchrun``.
 
-``train.nproc_per_node: N`` (N > 1) makes ``stages/train.py`` re-launch itself through
+``runtime.nproc_per_node: N`` (N > 1) makes ``stages/train.py`` re-launch itself through
 ``python -m torch.distributed.run --standalone --nproc_per_node N`` (:func:`relaunch`), so that
 ``dvc repro`` trains on N processes; running the stage under ``torchrun`` yourself works too.
 Each process then:
@@ -8,7 +8,7 @@ Each process then:
 * joins the process group (:func:`setup`): NCCL on CUDA (one GPU per process, ``cuda:LOCAL_RANK``),
   gloo on CPU;
 * reads its own shard of each epoch's shuffled order, as ``DistributedSampler`` does
-  (:func:`shard`, used by :func:`sparsegan.data.dataset.iterate_batches`): every rank draws the
+  (:func:`sparsegan.data.dataset.shard`, used by its ``iterate_batches``): every rank draws the
   same permutation from the same seeded generator, pads it to a multiple of N by repeating its
   start, and takes every N-th index from its rank on. ``train.batch_size`` stays the **global**
   batch (the paper's 32 whatever N is), each rank takes ``batch_size / N`` of it, so the union of
@@ -124,7 +124,7 @@ def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
         if torch.cuda.device_count() <= info.local_rank:
             raise RuntimeError(f"rank {info.rank}: LOCAL_RANK {info.local_rank} but only "
                                f"{torch.cuda.device_count()} CUDA devices are visible; lower "
-                               f"train.nproc_per_node")
+                               f"runtime.nproc_per_node")
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
     global _owned
@@ -152,26 +152,11 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """This rank's part of ``order`` (an epoch's indices), as ``DistributedSampler`` with
-    ``drop_last=False``: pad to a multiple of ``world_size`` by repeating the start, then every
-    ``world_size``-th index from ``rank``. All ranks get the same number of indices."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
-    if world_size == 1:
-        return order
-    n = len(order)
-    total = -(-n // world_size) * world_size
-    if total > n:
-        order = np.concatenate([order, np.resize(order, total - n)])
-    return order[rank:total:world_size]
-
-
 def per_rank_batch(batch_size: int, info: DistInfo) -> int:
     """``train.batch_size`` is the global batch; each of N ranks takes ``batch_size / N``."""
     if batch_size % info.world_size:
         raise ValueError(f"train.batch_size = {batch_size} is the global batch and must be "
-                         f"divisible by train.nproc_per_node = {info.world_size}")
+                         f"divisible by runtime.nproc_per_node = {info.world_size}")
     return batch_size // info.world_size
 
 

@@ -20,8 +20,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
+from .layout import SETTINGS, calibration_file, model_dir, scores_dir
 from .metrics import MAP_NAMES, aggregate_patients, detection_metrics, pixel_auroc, roc_table
-from .params import TABLE1_ROWS, Params, check_row
+from .params import Params, check_row
+from .spec import TABLE1_ROWS
 from .stats import delong_test, over_seeds, paired_bootstrap, paired_over_seeds, patient_bootstrap
 
 logger = logging.getLogger(__name__)
@@ -55,9 +57,9 @@ def seed_metrics(scores_dir: Path, calibration: dict, test_masks: np.ndarray | N
     test *patients*, see :mod:`sparsegan.stats`), ``test_bootstrap_resamples``,
     ``test_bootstrap_skipped`` (single-class resamples), ``test_patients``, ``test_auc_<CLASS>``
     (each disease vs NORMAL), ``test_images_per_s`` and, with lesion masks, ``pixel_auroc_<map>``
-    on the diseased test scans; with a patient rule in the calibration (aggregation and phi
-    chosen on validation patients) ``patient_aggregation`` (a string), ``val_patient_auc``,
-    ``patient_phi``, ``test_patient_count`` and ``test_patient_<m>`` for the six metrics.
+    on the diseased test scans; with a patient rule in the calibration (the aggregation
+    chosen on validation patients, decided at phi) ``patient_aggregation`` (a string), ``val_patient_auc``,
+    ``test_patient_count`` and ``test_patient_<m>`` for the six metrics.
     """
     test = read_scores(scores_dir / "test.csv")
     labels, scores = test["label"].to_numpy(), test["score"].to_numpy(dtype=float)
@@ -83,10 +85,9 @@ def seed_metrics(scores_dir: Path, calibration: dict, test_masks: np.ndarray | N
         _, y, s = aggregate_patients(patients, labels, scores, rule["aggregation"])
         metrics["patient_aggregation"] = rule["aggregation"]
         metrics["val_patient_auc"] = rule["val_auc_by_aggregation"][rule["aggregation"]]
-        metrics["patient_phi"] = rule["phi"]
         metrics["test_patient_count"] = int(len(y))
-        metrics.update({f"test_patient_{k}": v
-                        for k, v in detection_metrics(y, s, rule["phi"]).items()})
+        metrics.update({f"test_patient_{k}": v  # at the scans' phi (metrics.calibrate_patients)
+                        for k, v in detection_metrics(y, s, phi).items()})
     for cls in sorted(set(test["class"]) - {"NORMAL"}):
         subset = test["class"].isin(["NORMAL", cls]).to_numpy()
         metrics[f"test_auc_{cls}"] = float(roc_auc_score(labels[subset], scores[subset]))
@@ -117,16 +118,17 @@ def summarize_seeds(per_seed: dict[int, dict]) -> dict:
 
 
 def _log_to_mlflow(row: str, model: str, seed: int, model_dir: Path, metrics: dict,
-                   calibration: dict, calibration_file: Path, processed_dir: Path) -> None:
+                   calibration_file: Path, settings_file: Path, processed_dir: Path) -> None:
     """One seed's test metrics of ``row`` (keys ``<row>.<metric>``), its calibration and the
-    registered screening model (:func:`sparsegan.serving.log_screening_model`, its input example
-    a test scan) into the child run of (model, seed) (or a new one when that run lives in
-    another store)."""
+    registered screening model (:func:`sparsegan.serving.log_screening_model` of the
+    calibration with the score stage's settings, its input example a test scan) into the child
+    run of (model, seed) (or a new one when that run lives in another store)."""
     import tempfile
 
     import mlflow
     from PIL import Image
 
+    from .screening import read_config
     from .serving import log_screening_model
     from .tracking import start_run
 
@@ -141,7 +143,7 @@ def _log_to_mlflow(row: str, model: str, seed: int, model_dir: Path, metrics: di
         with tempfile.TemporaryDirectory() as tmp:
             example = Path(tmp) / "example.png"
             Image.fromarray(np.load(processed_dir / "test.npy", mmap_mode="r")[0, 0]).save(example)
-            log_screening_model(row, model_dir, calibration, example)
+            log_screening_model(model_dir, read_config(calibration_file, settings_file), example)
 
 
 def evaluate_row(row: str, params: Params, processed_dir: Path, scores_root: Path,
@@ -157,15 +159,16 @@ def evaluate_row(row: str, params: Params, processed_dir: Path, scores_root: Pat
     test_masks = np.load(masks_path, mmap_mode="r") if masks_path.exists() else None
     per_seed, rocs = {}, []
     for seed in params.seeds:
-        calibration_file = row_dir / "calibration" / f"s{seed}.json"
-        calibration = json.loads(calibration_file.read_text())
-        metrics, roc = seed_metrics(scores_root / model / f"s{seed}" / score, calibration,
+        cal_file = calibration_file(row, seed, row_dir.parent)
+        calibration = json.loads(cal_file.read_text())
+        metrics, roc = seed_metrics(scores_dir(model, seed, scores_root) / score, calibration,
                                     test_masks, n_boot)
         per_seed[seed] = metrics
         rocs.append(roc.assign(row=row, seed=seed))
         if log_mlflow:
-            _log_to_mlflow(row, model, seed, models_root / model / f"s{seed}", metrics,
-                           calibration, calibration_file, processed_dir)
+            _log_to_mlflow(row, model, seed, model_dir(model, seed, models_root), metrics,
+                           cal_file, scores_dir(model, seed, scores_root) / SETTINGS,
+                           processed_dir)
     summary = summarize_seeds(per_seed)
     row_dir.mkdir(parents=True, exist_ok=True)
     (row_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
@@ -195,7 +198,7 @@ def compare_to_reference(params: Params, scores_root: Path, reference: str = "sp
 
     def read(row: str) -> list[pd.DataFrame]:
         model, score = params.rows[row]
-        return [read_scores(Path(scores_root) / model / f"s{seed}" / score / "test.csv")
+        return [read_scores(scores_dir(model, seed, scores_root) / score / "test.csv")
                 for seed in params.seeds]
 
     ref = read(reference)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
+from .layout import scores_dir
 from .params import Params, check_row
 
 
@@ -131,11 +132,13 @@ def aggregate_patients(patients, labels, scores, how: str):
     return agg.index.to_numpy(), g["y"].max().to_numpy(), agg.to_numpy(dtype=float)
 
 
-def calibrate_patients(patients, labels, scores, criterion: str, target_sensitivity: float
-                       ) -> dict | None:
+def calibrate_patients(patients, labels, scores, phi: float) -> dict | None:
     """The patient-level rule from *validation* scans: the aggregation with the highest patient
-    AUC (ties: the first of :data:`PATIENT_AGGREGATIONS`) and its phi by ``criterion``; None when
-    the validation patients are not of both classes."""
+    AUC (ties: the first of :data:`PATIENT_AGGREGATIONS`), decided at the scans' own ``phi``: a
+    patient is diseased when the aggregation of its scans' scores exceeds phi. One threshold for
+    scans and patients, so that a patient with one scan gets its scan's decision (and with
+    ``max``, a patient is diseased exactly when one of its scans is). None when the validation
+    patients are not of both classes."""
     aucs = {}
     for how in PATIENT_AGGREGATIONS:
         _, y, s = aggregate_patients(patients, labels, scores, how)
@@ -144,9 +147,8 @@ def calibrate_patients(patients, labels, scores, criterion: str, target_sensitiv
         aucs[how] = float(roc_auc_score(y, s))
     best = max(PATIENT_AGGREGATIONS, key=lambda h: (aucs[h], -PATIENT_AGGREGATIONS.index(h)))
     _, y, s = aggregate_patients(patients, labels, scores, best)
-    phi = calibrate_phi(y, s, criterion, target_sensitivity)
-    return {"aggregation": best, "phi": phi, "val_auc_by_aggregation": aucs,
-            "n_patients": int(len(y)), "validation": detection_metrics(y, s, phi)}
+    return {"aggregation": best, "val_auc_by_aggregation": aucs, "n_patients": int(len(y)),
+            "validation": detection_metrics(y, s, phi)}
 
 
 def calibrate_scores(params: Params, scores_dir: Path) -> dict:
@@ -172,8 +174,7 @@ def calibrate_scores(params: Params, scores_dir: Path) -> dict:
             result["map"] = shown
             result["val_pixel_auroc"] = localisation
     if "patient" in val.columns:
-        patient = calibrate_patients(val["patient"].to_numpy(), labels, scores, c.criterion,
-                                     c.target_sensitivity)
+        patient = calibrate_patients(val["patient"].to_numpy(), labels, scores, phi)
         if patient is not None:
             result["patient"] = patient
     return result
@@ -182,16 +183,14 @@ def calibrate_scores(params: Params, scores_dir: Path) -> dict:
 def calibrate_row(row: str, params: Params, scores_root: Path, out_dir: Path) -> dict[int, dict]:
     """Stage calibrate@<row>: for every seed, :func:`calibrate_scores` of the row's scores
     ``scores_root/<model>/s<seed>/<score>/`` into ``out_dir/s<seed>.json``, which also names the
-    row, model, score, seed and the scoring knobs used (what ``sparsegan predict`` needs)."""
-    import dataclasses
-
+    row, model, score and seed (the score knobs are recorded by the score stage, beside the
+    scores: :data:`sparsegan.layout.SETTINGS`)."""
     model, score = check_row(row, params)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}
     for seed in params.seeds:
         result = {"row": row, "model": model, "score": score, "seed": seed,
-                  "score_params": dataclasses.asdict(params.score),
-                  **calibrate_scores(params, scores_root / model / f"s{seed}" / score)}
+                  **calibrate_scores(params, scores_dir(model, seed, scores_root) / score)}
         (out_dir / f"s{seed}.json").write_text(json.dumps(result, indent=1))
         results[seed] = result
     return results

@@ -17,43 +17,11 @@ from typing import Any
 
 import yaml
 
+# The trained models and what follows from them: one place, sparsegan/spec.py.
+from .spec import DEFAULT_ROWS, MODEL_SCORES, MODEL_SPECS, MODELS
+
 CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
 DISEASES = ("CNV", "DME", "DRUSEN")
-MODELS = ("autoencoder", "pix2pix", "sparse_gan", "anogan", "fanogan")
-# The anomaly scores each trained model gives (sparsegan.scoring computes them all in one pass):
-# reconstruction models the image-level (MSE) and the latent (eq. 4) score, AnoGAN its latent
-# search, f-AnoGAN its izif score.
-MODEL_SCORES = {"autoencoder": ("image", "latent"), "pix2pix": ("image", "latent"),
-                "sparse_gan": ("image", "latent"), "anogan": ("search",), "fanogan": ("izif",)}
-# Table 1's rows as (trained model, score), and the ablations: every reconstruction model scored
-# at its other level too. ``rows`` in params.yaml selects among these.
-DEFAULT_ROWS = {
-    "autoencoder": ("autoencoder", "image"),
-    "anogan": ("anogan", "search"),
-    "fanogan": ("fanogan", "izif"),
-    "pix2pix_image": ("pix2pix", "image"),
-    "pix2pix_latent": ("pix2pix", "latent"),
-    "sparse_gan": ("sparse_gan", "latent"),
-    "autoencoder_latent": ("autoencoder", "latent"),
-    "sparse_gan_image": ("sparse_gan", "image"),
-}
-TABLE1_ROWS = ("autoencoder", "anogan", "fanogan", "pix2pix_image", "pix2pix_latent", "sparse_gan")
-
-# The params each model's training reads (dvc.yaml's train_<model> stages list exactly these,
-# tests/test_stage_deps.py checks it): so `-S train.lambda_sp=50` re-trains sparse_gan only.
-_SHARED_TRAIN = ("model.base_channels", "model.norm", "train.batch_size", "train.device",
-                 "train.num_threads", "train.compile", "train.nproc_per_node")
-_GENERATOR_TRAIN = ("train.epochs", "train.lr", "train.lr_decay", "train.beta1",
-                    "train.lambda_re")
-TRAIN_READS = {
-    "autoencoder": _SHARED_TRAIN + _GENERATOR_TRAIN,
-    "pix2pix": _SHARED_TRAIN + _GENERATOR_TRAIN + ("train.lambda_adv",),
-    "sparse_gan": _SHARED_TRAIN + _GENERATOR_TRAIN + ("train.lambda_adv", "train.lambda_sp", "srn"),
-    "anogan": _SHARED_TRAIN + ("anogan",),
-    "fanogan": _SHARED_TRAIN + ("fanogan",),
-}
-
-
 class ParamError(ValueError):
     """A param in params.yaml is missing, misspelt, of the wrong type or out of range."""
 
@@ -103,11 +71,14 @@ class Oct2017Params:
 
 
 def _per_disease(value: Any, key: str) -> int | dict[str, int]:
-    """A count for every disease class, or a mapping ``{CNV: 150, DME: 18}`` (other classes: 0)."""
+    """A count for every disease class, a mapping ``{CNV: 150, DME: 18}`` (other classes: 0), or
+    ``all`` (every disease image of the training pool)."""
     def count(v: Any, k: str) -> int:
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ParamError(f"params.yaml: {k} = {v!r}: must be a whole number >= 0")
+            raise ParamError(f"params.yaml: {k} = {v!r}: must be a whole number >= 0 (or all)")
         return v
+    if value == "all":  # every disease scan of the training pool goes to validation
+        return value
     if isinstance(value, dict):
         out = {}
         for cls, v in value.items():
@@ -127,7 +98,9 @@ class SplitParams:
     """How train/val/test are drawn (docs/design.md, section 2). The paper uses 1,000 per class in val.
 
     ``val_per_disease``: a number (each disease class present gets that many validation images;
-    a class with no image at all is left out) or a mapping per class (a class not named gets none).
+    a class with no image at all is left out), a mapping per class (a class not named gets none),
+    or ``all`` (every disease image of the training pool: training sees normals only, so a
+    real tree's disease scans are all validation; the rule the real-data studies use).
     ``seed`` draws the split; the top-level ``seed`` is the training seed, so that training seeds
     can be compared on one split.
     """
@@ -135,7 +108,7 @@ class SplitParams:
     protocol: str = _check(choices=("patient", "paper"), default="patient")
     seed: int = 0
     val_normal: int = _check(ge=1, default=1000)
-    val_per_disease: int | dict[str, int] = _check(parse=_per_disease, default=1000)
+    val_per_disease: int | dict[str, int] | str = _check(parse=_per_disease, default=1000)
     test_per_class: int = _check(ge=0, default=0)  # patient protocol only; 0: as many as official test
 
 
@@ -204,7 +177,8 @@ class SrnParams:
 
 @dataclass(frozen=True)
 class TrainParams:
-    """Training of the generator-based variants; lambdas as in the paper (Sec. 2.3)."""
+    """Training of the generator-based models (Auto-Encoder, pix2pix, Sparse-GAN; the batch of
+    every model); lambdas as in the paper (Sec. 2.3)."""
 
     epochs: int = _check(ge=1, default=30)
     batch_size: int = _check(ge=1, default=32)
@@ -216,6 +190,13 @@ class TrainParams:
     lambda_re: float = _check(ge=0.0, default=20.0)
     lambda_adv: float = _check(ge=0.0, default=1.0)
     lambda_sp: float = _check(ge=0.0, default=50.0)
+
+
+@dataclass(frozen=True)
+class RuntimeParams:
+    """Where and how the code runs, not what it learns: a change re-runs, but no result should
+    depend on it beyond floating-point rounding (every stage that trains or scores lists it)."""
+
     device: str = _check(choices=("auto", "cpu", "cuda"), default="auto")
     num_threads: int = _check(ge=0, default=0)  # 0: torch's default
     # torch.compile the networks (in place; CUDA mainly, on CPU it needs a C++ compiler; f-AnoGAN's
@@ -224,6 +205,7 @@ class TrainParams:
     # > 1: data-parallel training on N processes (GPUs) under torchrun; train.batch_size stays the
     # global batch and must be divisible by N (see sparsegan/distributed.py)
     nproc_per_node: int = _check(ge=1, default=1)
+    score_batch: int = _check(ge=1, default=32)  # scans per batch when scoring (eval mode)
 
 
 @dataclass(frozen=True)
@@ -314,25 +296,55 @@ def _rows(value: Any, key: str) -> dict[str, tuple[str, str]]:
     return rows
 
 
-@dataclass(frozen=True)
-class Params:
-    seeds: tuple[int, ...] = _check(parse=_seeds, default=(0,))
-    rows: dict[str, tuple[str, str]] = _check(parse=_rows,
-                                              default_factory=lambda: dict(DEFAULT_ROWS))
-    data: DataParams = field(default_factory=DataParams)
-    preprocess: PreprocessParams = field(default_factory=PreprocessParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    srn: SrnParams = field(default_factory=SrnParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    anogan: AnoganParams = field(default_factory=AnoganParams)
-    fanogan: FanoganParams = field(default_factory=FanoganParams)
-    score: ScoreParams = field(default_factory=ScoreParams)
-    calibrate: CalibrateParams = field(default_factory=CalibrateParams)
+def _check_folder(self) -> None:
+    if self.data.source == "folder" and not self.data.folder:
+        raise ParamError("params.yaml: data.folder is empty: set it to your OCT2017 copy "
+                         "when data.source is 'folder'")
 
-    def __post_init__(self) -> None:
-        if self.data.source == "folder" and not self.data.folder:
-            raise ParamError("params.yaml: data.folder is empty: set it to your OCT2017 copy "
-                             "when data.source is 'folder'")
+
+def _section_class(name: str) -> type:
+    module, _, cls = name.partition(":")
+    if module != __name__ or not dataclasses.is_dataclass(globals().get(cls)):
+        raise ParamError(f"sparsegan/spec.py: params_class {name!r} is not a dataclass of "
+                         f"sparsegan/params.py; add the section's dataclass there")
+    return globals()[cls]
+
+
+_CORE_SECTIONS = [
+    ("seeds", tuple[int, ...], _check(parse=_seeds, default=(0,))),
+    ("rows", dict[str, tuple[str, str]], _check(parse=_rows,
+                                                default_factory=lambda: dict(DEFAULT_ROWS))),
+    ("data", DataParams, field(default_factory=DataParams)),
+    ("preprocess", PreprocessParams, field(default_factory=PreprocessParams)),
+    ("runtime", RuntimeParams, field(default_factory=RuntimeParams)),
+    ("model", ModelParams, field(default_factory=ModelParams)),
+    ("train", TrainParams, field(default_factory=TrainParams)),
+]
+_MODEL_SECTIONS = {s.section: _section_class(s.params_class) for s in MODEL_SPECS
+                   if s.section not in {name for name, _, _ in _CORE_SECTIONS}}
+# Every section of params.yaml: the core ones, each model's own (from sparsegan/spec.py), then
+# the scoring knobs and the calibration.
+Params = dataclasses.make_dataclass(
+    "Params",
+    _CORE_SECTIONS
+    + [(name, cls, field(default_factory=cls)) for name, cls in _MODEL_SECTIONS.items()]
+    + [("score", ScoreParams, field(default_factory=ScoreParams)),
+       ("calibrate", CalibrateParams, field(default_factory=CalibrateParams))],
+    frozen=True, namespace={"__post_init__": _check_folder, "__module__": __name__,
+                            "__doc__": "Every section of params.yaml, parsed and checked."})
+
+
+def check_sections(raw: dict[str, Any], params: Params) -> None:
+    """A model named in params.yaml's ``rows`` needs its own section in the file (its
+    hyper-parameters are never silently the defaults): ParamError naming the section."""
+    if not isinstance(raw, dict) or "rows" not in raw:
+        return
+    used = dict.fromkeys(model for model, _ in params.rows.values())
+    for spec in MODEL_SPECS:
+        if spec.name in used and spec.section.split(".")[0] not in raw:
+            raise ParamError(f"params.yaml: no {spec.section}: section, the hyper-parameters of "
+                             f"model {spec.name} (sparsegan/spec.py), which rows use; add it "
+                             f"(the defaults are in sparsegan/params.py, {spec.params_class})")
 
 
 def check_model(model: str) -> str:
@@ -360,6 +372,10 @@ def check_seed(seed: str | int) -> int:
     return value
 
 
+# Keys of an earlier layout -> where they are now.
+MOVED = {f"train.{k}": f"runtime.{k}" for k in ("device", "num_threads", "compile", "nproc_per_node")}
+
+
 def _parse(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ParamError(f"params.yaml: {prefix or 'top level'} must be a mapping, got {raw!r}")
@@ -368,6 +384,10 @@ def _parse(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         where = f"{prefix}." if prefix else ""
+        moved = MOVED.get(f"{where}{unknown[0]}")
+        if moved:
+            raise ParamError(f"params.yaml: {where}{unknown[0]} is now {moved} (the runtime "
+                             f"settings have their own section); move it there")
         raise ParamError(f"params.yaml: unknown key {where}{unknown[0]}: allowed keys are "
                          f"{', '.join(fields)}")
     values = {}
@@ -435,4 +455,6 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ParamError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
-    return parse_params(raw)
+    params = parse_params(raw)
+    check_sections(raw, params)
+    return params

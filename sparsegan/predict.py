@@ -8,8 +8,10 @@ Usage (from the repository root, after ``dvc repro``)::
 Options: ``--seed`` (the training seed; default: the lowest one calibrated), ``--calibration
 reports/rows`` (reads ``<calibration>/<row>/calibration/s<seed>.json``: the phi chosen on the
 validation set, the trained model and score of the row), ``--models models`` (reads
-``<models>/<model>/s<seed>/model.pt``), ``--model-uri`` (instead of both: a registered screening model, e.g.
-``models:/sparse-gan-oct-sparse_gan@champion``, see :mod:`sparsegan.serving`), ``--batch-size`` (default: the model's ``train.batch_size``), ``--device``
+``<models>/<model>/s<seed>/model.pt``), ``--scores scores`` (reads the score knobs the score
+stage recorded, ``<scores>/<model>/s<seed>/settings.json``), ``--model-uri`` (instead of the
+three: a registered screening model, e.g. ``models:/sparse-gan-oct-sparse_gan@champion``, see
+:mod:`sparsegan.serving`), ``--batch-size`` (default: 32), ``--device``
 (default: auto), ``--alpha`` (heatmap opacity, 0.45). No params.yaml is read: ``model.pt``
 describes itself (architecture, image size, the preprocessing it was trained on).
 
@@ -41,8 +43,10 @@ Writes into ``--out``:
 
 ``patients.csv``     one row per patient or volume: ``patient, scans, score, aggregation, phi,
                      decision``, the patient score being the aggregation (max, mean, top-3 mean)
-                     of its scans' scores chosen on validation patients, with its own phi
-                     (the calibration's ``patient`` rule). A scan's patient is the one of its
+                     of its scans' scores chosen on validation patients (the calibration's
+                     ``patient`` rule), decided at the scans' phi: a patient with one scan gets
+                     its scan's decision, and with ``max`` a patient is ``disease`` exactly when
+                     one of its scans is. A scan's patient is the one of its
                      OCT2017 name (``<CLASS>-<patient>-<n>``), else its DICOM series (a volume),
                      else its sub-folder inside a folder input (a folder per patient), else the
                      file itself.
@@ -67,6 +71,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import layout
 from .data import DICOM_EXTENSIONS, IMAGE_EXTENSIONS
 
 SUPPORTED = " ".join(sorted(IMAGE_EXTENSIONS | DICOM_EXTENSIONS))
@@ -92,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="score image files or folders with a trained row",
                        description="Score OCT B-scans with a trained, calibrated row of the "
                                    "report; write predictions.csv and an anomaly-map overlay "
-                                   "per image.")
+                                   "per image, and patients.csv: a patient (volume) is disease "
+                                   "when the aggregation of its scans' scores chosen on "
+                                   "validation patients exceeds the same phi as a scan, so a "
+                                   "patient with one scan gets its scan's decision.")
     p.add_argument("--row", "--variant", dest="row",
                    help="a row of params.yaml's rows, e.g. sparse_gan (required without "
                         "--model-uri)")
@@ -100,13 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the training seed (default: the lowest calibrated one)")
     p.add_argument("--model-uri", help="an MLflow screening model instead of --models and "
                                        "--calibration, e.g. models:/sparse-gan-oct-sparse_gan@champion")
-    p.add_argument("--models", type=Path, default=Path("models"),
+    p.add_argument("--models", type=Path, default=layout.MODELS,
                    help="folder holding <model>/s<seed>/model.pt (default: models)")
-    p.add_argument("--calibration", type=Path, default=Path("reports/rows"),
+    p.add_argument("--calibration", type=Path, default=layout.ROWS,
                    help="folder holding <row>/calibration/s<seed>.json (default: reports/rows)")
+    p.add_argument("--scores", type=Path, default=layout.SCORES,
+                   help="folder holding <model>/s<seed>/settings.json, the score knobs the score "
+                        "stage used (default: scores)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per scoring batch (default: the model's train.batch_size)")
+                   help="images per scoring batch (default: 32)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="default: auto (CUDA when there is one)")
     p.add_argument("--alpha", type=float, default=0.45, help="heatmap opacity (default: 0.45)")
@@ -228,8 +239,8 @@ def render_overlay(scan: np.ndarray, heat: np.ndarray, score: float, phi: float,
 
 
 def _model(folder: Path, model: str, device):
-    """:func:`sparsegan.train.load_trained`, its errors as one-line usage errors."""
-    from .train import CheckpointError, load_trained
+    """:func:`sparsegan.checkpoint.load_trained`, its errors as one-line usage errors."""
+    from .checkpoint import CheckpointError, load_trained
 
     try:
         return load_trained(folder, device, model=model)
@@ -249,10 +260,9 @@ def load_model_uri(uri: str, device):
     return _model(folder, config["model"], device), config
 
 
-def load_calibration(row: str, seed: int | None, calibration_dir: Path) -> tuple[dict, Path]:
-    """One seed's calibration of ``row`` (``<calibration_dir>/<row>/calibration/s<seed>.json``;
-    ``seed`` None: the lowest seed there) and its path: phi, the patient rule, the map chosen on
-    validation, the trained model, score and scoring knobs of the row."""
+def find_calibration(row: str, seed: int | None, calibration_dir: Path) -> Path:
+    """The calibration file of ``row`` and ``seed`` (None: the lowest seed calibrated) under
+    ``calibration_dir``; UsageError naming what to run when there is none."""
     folder = calibration_dir / row / "calibration"
     if not (calibration_dir / row).is_dir():
         known = sorted(p.parent.name for p in Path(calibration_dir).glob("*/calibration"))
@@ -267,47 +277,48 @@ def load_calibration(row: str, seed: int | None, calibration_dir: Path) -> tuple
         if not found:
             raise UsageError(f"{folder}: no calibrated seed of row {row!r}; run `dvc repro "
                              f"calibrate@{row}` (or pass --calibration)")
-        path = found[0]
-    else:
-        path = folder / f"s{seed}.json"
+        return found[0]
+    path = layout.calibration_file(row, seed, calibration_dir)
     if not path.is_file():
         raise UsageError(f"{path}: no calibrated phi; run `dvc repro calibrate@{row}` with "
                          f"this seed in params.yaml's seeds (or pass --calibration)")
+    return path
+
+
+def load_config(row: str, seed: int | None, calibration_dir: Path, scores_root: Path
+                ) -> tuple[dict, Path]:
+    """The screening config (:func:`sparsegan.screening.screening_config`) of one seed's
+    calibration of ``row`` with the score stage's settings of its trained model, and the
+    calibration file."""
+    from .screening import ScreeningError, read_config
+
+    path = find_calibration(row, seed, calibration_dir)
     try:
-        saved = json.loads(path.read_text())
-        for key in ("model", "score", "seed", "score_params"):
-            saved[key]  # noqa: B018 - present, or KeyError below
-        rule = saved.get("patient")
-        if rule is not None:
-            saved["patient"] = {"aggregation": str(rule["aggregation"]), "phi": float(rule["phi"])}
-        saved["phi"] = float(saved["phi"])
-        return saved, path
-    except (ValueError, KeyError, TypeError, AttributeError):
+        calibration = json.loads(path.read_text())
+        settings = layout.scores_dir(calibration["model"], int(calibration["seed"]),
+                                     scores_root) / layout.SETTINGS
+    except (ValueError, KeyError, TypeError):
         raise UsageError(f"{path}: not a calibration of this version; re-run `dvc repro "
                          f"calibrate@{row}`") from None
+    if not settings.is_file():
+        raise UsageError(f"{settings}: no score settings of {calibration['model']} s"
+                         f"{calibration['seed']}; run `dvc repro score` (or pass --scores)")
+    try:
+        return read_config(path, settings), path
+    except ScreeningError as exc:
+        raise UsageError(f"{exc}; re-run `dvc repro calibrate@{row}`") from None
 
 
-def write_patients(path: Path, scored: list[tuple[str, float]], rule: dict) -> int:
-    """``patients.csv``: per patient (volume) the number of scans, the patient score (the
-    aggregation chosen on validation patients) and the decision at the patient phi; returns the
-    number of diseased patients."""
-    from .metrics import aggregate_patients
-
-    ids, _, scores = aggregate_patients([p for p, _ in scored], np.zeros(len(scored), int),
-                                        [s for _, s in scored], rule["aggregation"])
-    counts: dict[str, int] = {}
-    for p, _ in scored:
-        counts[p] = counts.get(p, 0) + 1
-    n_disease = 0
+def write_patients(path: Path, patients: list[tuple[str, int, float, str]],
+                   aggregation: str, phi: float) -> int:
+    """``patients.csv`` from :meth:`sparsegan.screening.Screener.patients`; returns the number
+    of diseased patients."""
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["patient", "scans", "score", "aggregation", "phi", "decision"])
-        for pid, score in zip(ids, scores):
-            decision = "disease" if score > rule["phi"] else "normal"
-            n_disease += decision == "disease"
-            writer.writerow([pid, counts[pid], repr(float(score)), rule["aggregation"],
-                             repr(rule["phi"]), decision])
-    return n_disease
+        for pid, n, score, decision in patients:
+            writer.writerow([pid, n, repr(score), aggregation, repr(phi), decision])
+    return sum(d == "disease" for *_, d in patients)
 
 
 class _Frames:
@@ -389,14 +400,12 @@ def predict(args: argparse.Namespace) -> int:
     if not 0 <= args.alpha <= 1:
         raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
 
-    import torch  # after the cheap checks: a usage error answers at once
-    from PIL import Image
+    from PIL import Image  # after the cheap checks: a usage error answers at once
 
-    from .data.dataset import to_float
+    from .checkpoint import resolve_device
     from .data.preprocess import SkipImage
-    from .params import parse_params
-    from .scoring import score_batch
-    from .train import resolve_device
+    from .params import RuntimeParams
+    from .screening import Screener
 
     try:
         device = resolve_device(args.device)
@@ -406,19 +415,16 @@ def predict(args: argparse.Namespace) -> int:
         model, cfg = load_model_uri(args.model_uri, device)
         source, calibration_file = args.model_uri, args.model_uri
     else:
-        cfg, calibration_file = load_calibration(args.row, args.seed, args.calibration)
-        folder = args.models / cfg["model"] / f"s{cfg['seed']}"
+        cfg, calibration_file = load_config(args.row, args.seed, args.calibration, args.scores)
+        folder = layout.model_dir(cfg["model"], cfg["seed"], args.models)
         model = _model(folder, cfg["model"], device)
         source = folder / "model.pt"
-    phi, patient_rule, shown, row = cfg["phi"], cfg.get("patient"), cfg.get("map"), cfg["row"]
-    knobs = parse_params({"score": cfg["score_params"]}).score
-    detector, size, params = model.detector, model.image_size, model.params
-    if model.data.get("source") == "synthetic":
-        print(f"warning: {source} was trained on synthetic scans "
-              f"only ({model.data.get('n_train', '?')} normal training scans of the embedded "
-              f"generator); its scores and phi are not validated on real scans. Train on yours: "
-              f"dvc exp run -S data.source=folder -S data.folder=<your OCT tree>", file=sys.stderr)
-    batch_size = args.batch_size or params.train.batch_size
+    screener = Screener(model, cfg)
+    phi, row, size, params = screener.phi, cfg["row"], model.image_size, model.params
+    warning = screener.warning()
+    if warning:
+        print(f"warning: {source} was {warning}", file=sys.stderr)
+    batch_size = args.batch_size or RuntimeParams().score_batch
 
     items, failures, ignored = collect_inputs(args.inputs)
     for name in ignored:
@@ -432,7 +438,6 @@ def predict(args: argparse.Namespace) -> int:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(model.seed)  # as in the score stage
     n_scored = n_disease = 0
     scored: list[tuple[str, float]] = []  # (patient, score) of every scored B-scan
     frames = _Frames()
@@ -449,15 +454,14 @@ def predict(args: argparse.Namespace) -> int:
                     fail(str(item.path), str(exc))
             if not ok:
                 continue
-            x = to_float(np.stack(images)[:, None], device)
-            result = score_batch(detector, x, knobs)[cfg["score"]]
+            result = screener.score(np.stack(images), device)
             scores = result.score.float().cpu().numpy()
-            heat = result.maps[map_name(args.map, result.maps, shown)].float().cpu().numpy()
+            heat = result.maps[map_name(args.map, result.maps, cfg.get("map"))].float().cpu().numpy()
             for item, score, h in zip(ok, scores, heat):
                 if not np.isfinite(score):
                     fail(str(item.path), f"the model gave a non-finite score ({score})")
                     continue
-                decision = "disease" if score > phi else "normal"
+                decision = screener.decision(float(score))
                 try:
                     full = load_full(item, frames)
                 except SkipImage as exc:
@@ -477,11 +481,12 @@ def predict(args: argparse.Namespace) -> int:
     print(f"{n_scored} image(s) scored with {row} s{model.seed} (phi {phi:.6g}): {n_disease} disease, "
           f"{n_scored - n_disease} normal -> {out / 'predictions.csv'}"
           + (f"; {len(failures)} failed" if failures else ""))
-    if scored and patient_rule is not None:
-        n_pat = len({p for p, _ in scored})
-        sick = write_patients(out / "patients.csv", scored, patient_rule)
-        print(f"{n_pat} patient(s) / volume(s) ({patient_rule['aggregation']} of their scans' "
-              f"scores, phi {patient_rule['phi']:.6g}): {sick} disease -> {out / 'patients.csv'}")
+    patients = screener.patients(scored)
+    if patients:
+        aggregation = cfg["patient"]["aggregation"]
+        sick = write_patients(out / "patients.csv", patients, aggregation, phi)
+        print(f"{len(patients)} patient(s) / volume(s) ({aggregation} of their scans' scores, "
+              f"phi {phi:.6g}): {sick} disease -> {out / 'patients.csv'}")
     elif scored:
         print(f"note: {calibration_file} has no patient rule (no validation patients of both "
               f"classes): no patients.csv", file=sys.stderr)

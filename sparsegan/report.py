@@ -16,6 +16,7 @@ from pathlib import Path
 from .evaluate import PAPER_TABLE1, compare_to_reference, summarize
 from .figures import RowFiles, make_figures
 from .html_report import write_index
+from .layout import calibration_file, model_dir, scores_dir
 from .params import Params
 from .tracking import _git, flatten
 
@@ -24,9 +25,9 @@ def row_files(params: Params, row: str, seed: int, scores_root: Path, models_roo
               rows_dir: Path) -> RowFiles:
     """Where the files of ``row``'s model of ``seed`` are (the layout of dvc.yaml)."""
     model, score = params.rows[row]
-    return RowFiles(seed=seed, scores=scores_root / model / f"s{seed}" / score,
-                    calibration=rows_dir / row / "calibration" / f"s{seed}.json",
-                    history=models_root / model / f"s{seed}" / "history.json",
+    return RowFiles(seed=seed, scores=scores_dir(model, seed, scores_root) / score,
+                    calibration=calibration_file(row, seed, rows_dir),
+                    history=model_dir(model, seed, models_root) / "history.json",
                     roc=rows_dir / row / "roc.csv", metrics=rows_dir / row / "metrics.json")
 
 

@@ -1,5 +1,5 @@
 """Stage score@<model>-<seed>: every anomaly score a trained model gives (the rows' scores,
-:data:`sparsegan.params.MODEL_SCORES`), of the validation and test scans, in one pass; the test
+:data:`sparsegan.spec.MODEL_SCORES`), of the validation and test scans, in one pass; the test
 anomaly maps; how well each map localises the validation lesions (no metric of the test split).
 
 Scoring only: training never imports this module (tests/test_stage_deps.py), so a change here
@@ -8,8 +8,10 @@ re-scores without re-training.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,13 +22,15 @@ from .anomaly import (anogan_search, anomaly_activation_map, difference_map, ima
                       izif_score, latent_anomaly_score, residual_activation_map)
 from .data.dataset import iterate_batches, load_split
 from .metrics import MAP_NAMES, pixel_auroc
+from .checkpoint import load_trained, resolve_device
+from .layout import SETTINGS
 from .models import Detector
 from .models.anogan import AnoGAN
 from .models.fanogan import FAnoGAN
 from .models.gan_parts import frozen
 from .models.sparse_gan import ReconstructionDetector
-from .params import MODEL_SCORES, ScoreParams
-from .train import load_trained, resolve_device
+from .params import ScoreParams
+from .spec import MODEL_SCORES, MODEL_SPECS, SPECS, SpecError
 
 
 @dataclass
@@ -42,35 +46,63 @@ class ScoreOutput:
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def reconstruction_scores(detector: ReconstructionDetector, x: torch.Tensor,
+                          knobs: ScoreParams) -> dict[str, ScoreOutput]:
+    """The image-level score (MSE of I_in and I_re) and the latent score (eq. 4) of a
+    reconstruction model, with their maps."""
+    latent = detector.encoder(x)  # H_in
+    rec = detector.decoder(latent)  # I_re
+    latent_re = detector.encoder(rec)  # H_re = E(I_re), E = G_en
+    diff = difference_map(x, rec)
+    size = x.shape[-1]
+    return {"image": ScoreOutput(image_anomaly_score(x, rec), rec, {"difference": diff}),
+            "latent": ScoreOutput(latent_anomaly_score(latent, latent_re), rec,  # eq. 4
+                                  {"difference": diff,
+                                   "aam": anomaly_activation_map(latent, latent_re, size),
+                                   "aam_residual": residual_activation_map(latent, latent_re,
+                                                                           size)})}
+
+
+def anogan_scores(detector: AnoGAN, x: torch.Tensor, knobs: ScoreParams) -> dict[str, ScoreOutput]:
+    """AnoGAN's score: a gradient search over z per image (``score.anogan``)."""
+    k = knobs.anogan
+    _, loss, generated = anogan_search(detector.generator, detector.discriminator, x,
+                                       detector.p.latent_dim, k.search_steps, k.search_lr,
+                                       k.search_init, k.weight)
+    return {"search": ScoreOutput(loss, generated, {"difference": difference_map(x, generated)})}
+
+
+def fanogan_scores(detector: FAnoGAN, x: torch.Tensor, knobs: ScoreParams) -> dict[str, ScoreOutput]:
+    """f-AnoGAN's izif score (image and critic-feature residuals of G(E(x)))."""
+    with frozen(detector.generator, detector.critic, detector.encoder):
+        image_mse, feature_mse, rec = detector.izif(x)
+    return {"izif": ScoreOutput(izif_score(image_mse, feature_mse, detector.p.kappa), rec,
+                                {"difference": difference_map(x, rec)})}
+
+
+# The scorers a ModelSpec names (sparsegan/spec.py): detector, batch, knobs -> its scores.
+SCORERS: dict[str, Callable[..., dict[str, ScoreOutput]]] = {
+    "reconstruction": reconstruction_scores, "anogan": anogan_scores, "fanogan": fanogan_scores}
+_missing = sorted({s.scorer for s in MODEL_SPECS} - set(SCORERS))
+if _missing:
+    raise SpecError(f"sparsegan/spec.py names the scorers {_missing}, which "
+                    f"sparsegan/scoring.py's SCORERS lacks; add a function for each")
+
+
 @torch.no_grad()
 def score_batch(detector: Detector, x: torch.Tensor,
                 knobs: ScoreParams = ScoreParams()) -> dict[str, ScoreOutput]:
-    """Every score of ``detector`` for a batch ``x`` (B, 1, S, S) in [-1, 1], by score name (the
-    model's :data:`~sparsegan.params.MODEL_SCORES`), the detector in eval mode."""
-    if isinstance(detector, ReconstructionDetector):
-        latent = detector.encoder(x)  # H_in
-        rec = detector.decoder(latent)  # I_re
-        latent_re = detector.encoder(rec)  # H_re = E(I_re), E = G_en
-        diff = difference_map(x, rec)
-        size = x.shape[-1]
-        return {"image": ScoreOutput(image_anomaly_score(x, rec), rec, {"difference": diff}),
-                "latent": ScoreOutput(latent_anomaly_score(latent, latent_re), rec,  # eq. 4
-                                      {"difference": diff,
-                                       "aam": anomaly_activation_map(latent, latent_re, size),
-                                       "aam_residual": residual_activation_map(latent, latent_re,
-                                                                               size)})}
-    if isinstance(detector, AnoGAN):
-        k = knobs.anogan
-        _, loss, generated = anogan_search(detector.generator, detector.discriminator, x,
-                                           detector.p.latent_dim, k.search_steps, k.search_lr,
-                                           k.search_init, k.weight)
-        return {"search": ScoreOutput(loss, generated, {"difference": difference_map(x, generated)})}
-    if isinstance(detector, FAnoGAN):
-        with frozen(detector.generator, detector.critic, detector.encoder):
-            image_mse, feature_mse, rec = detector.izif(x)
-        return {"izif": ScoreOutput(izif_score(image_mse, feature_mse, detector.p.kappa), rec,
-                                    {"difference": difference_map(x, rec)})}
-    raise TypeError(f"no scores for {type(detector).__name__}")
+    """Every score of ``detector`` for a batch ``x`` (B, 1, S, S) in [-1, 1], by score name (its
+    spec's ``scores``, computed by its spec's scorer), the detector in eval mode."""
+    spec = SPECS.get(detector.name)
+    if spec is None:
+        raise TypeError(f"{type(detector).__name__} has no model name of sparsegan/spec.py; "
+                        f"build it with sparsegan.models.build_detector")
+    out = SCORERS[spec.scorer](detector, x, knobs)
+    if tuple(out) != spec.scores:
+        raise SpecError(f"scorer {spec.scorer!r} gave the scores {tuple(out)}, but "
+                        f"sparsegan/spec.py says {spec.name} gives {spec.scores}")
+    return out
 
 
 def score_images(detector: Detector, images: np.ndarray, batch_size: int, device: torch.device,
@@ -95,7 +127,9 @@ def score_images(detector: Detector, images: np.ndarray, batch_size: int, device
 
 def score_model(model: str, seed: int, knobs: ScoreParams, batch_size: int, device_name: str,
                 processed_dir: Path, model_dir: Path, out_dir: Path) -> None:
-    """For each score ``s`` of ``model``: ``out_dir/<s>/{val,test}.csv`` (index + score),
+    """``out_dir/settings.json``: the model, seed and score knobs (what a screening model built
+    from these scores must score with). For each score ``s`` of ``model``:
+    ``out_dir/<s>/{val,test}.csv`` (index + score),
     ``test_maps.npz``, ``timing.json`` and, when the validation scans have lesion masks,
     ``val_localisation.json``: the pixel AUROC of each anomaly map on the diseased validation
     scans (calibration picks the map shown from it). ``seed`` seeds torch's RNG, so that a
@@ -113,6 +147,9 @@ def score_model(model: str, seed: int, knobs: ScoreParams, batch_size: int, devi
         results[split] = (index, score_images(detector, images, batch_size, device,
                                               keep_maps=split == "test" or localise, knobs=knobs))
         timing[f"{split}_images_per_s"] = len(images) / (time.perf_counter() - tic)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SETTINGS).write_text(json.dumps(
+        {"model": model, "seed": seed, "score": dataclasses.asdict(knobs)}, indent=1))
     for name in MODEL_SCORES[model]:
         folder = out_dir / name
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """The screening model as an MLflow model: pyfunc, Model Registry, REST serving.
 
 :class:`ScreeningModel` is an ``mlflow.pyfunc.PythonModel`` whose artifacts are the trained
-``model.pt`` (weights and plain data, loaded with ``weights_only``) and a JSON config (row,
-trained model, score, seed, the scoring knobs, phi, the patient rule, the map drawn); no pickle of our classes. Its input is a DataFrame with a
+``model.pt`` (weights and plain data, loaded with ``weights_only``) and its screening config
+(:func:`sparsegan.screening.screening_config`: row, trained model, score, seed, the score knobs
+the score stage recorded, phi, the patient rule, the map drawn); no pickle of our classes. It
+scores through :class:`sparsegan.screening.Screener`, as ``sparsegan predict`` does. Its input is a DataFrame with a
 column ``image``: each value a B-scan file's bytes in base64 (what a REST client sends) or a path
 to the file; any size and mode, converted exactly as in training
 (:func:`sparsegan.data.preprocess.load_gray`). Its output has per image ``score``, ``phi``,
@@ -33,25 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .screening import CONFIG
+
 REGISTERED_PREFIX = "sparse-gan-oct-"
-CONFIG = "screening.json"
 # The output columns, in order, with their MLflow types: the one list predict and signature read.
 OUTPUTS = (("score", "double"), ("phi", "double"), ("decision", "string"), ("map_png", "string"))
 
 
 def registered_name(row: str) -> str:
     return REGISTERED_PREFIX + row
-
-
-def screening_config(calibration: dict, map_name: str) -> dict:
-    """The JSON config logged beside the weights, from one seed's calibration of a row
-    (:func:`sparsegan.metrics.calibrate_row`)."""
-    rule = calibration.get("patient")
-    return {**{k: calibration[k] for k in ("row", "model", "score", "seed", "score_params")},
-            "phi": float(calibration["phi"]),
-            "criterion": calibration.get("criterion"), "map": map_name,
-            "patient": None if rule is None else {"aggregation": rule["aggregation"],
-                                                  "phi": float(rule["phi"])}}
 
 
 def _image_file(value: str, tmp: Path, k: int) -> Path:
@@ -77,59 +69,43 @@ class ScreeningModel(_pyfunc_base()):
     """See the module docstring."""
 
     def load_context(self, context) -> None:
-        from .train import load_trained
+        from .checkpoint import load_trained
+        from .screening import Screener
 
-        self.config = json.loads(Path(context.artifacts["config"]).read_text())
+        config = json.loads(Path(context.artifacts["config"]).read_text())
         weights = Path(context.artifacts["weights"])
-        self.trained = load_trained(weights.parent, model=self.config["model"])
+        self.screener = Screener(load_trained(weights.parent, model=config["model"]), config)
         self.warned = False
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
-        import torch
         from PIL import Image
 
-        from .data.dataset import to_float
-        from .data.preprocess import SkipImage, load_gray
-        from .params import parse_params
-        from .scoring import score_batch
+        from .data.preprocess import SkipImage
 
-        m, cfg = self.trained, self.config
-        if m.data.get("source") == "synthetic" and not getattr(self, "warned", True):
+        screener = self.screener
+        warning = screener.warning()
+        if warning and not getattr(self, "warned", True):
             self.warned = True  # once per loaded model
-            logging.getLogger("sparsegan.serving").warning(
-                "this screening model was trained on synthetic scans only (%s normal training "
-                "scans of the embedded generator); its scores and phi are not validated on real "
-                "scans. Train on yours: dvc exp run -S data.source=folder -S data.folder=<tree>",
-                m.data.get("n_train", "?"))
-        fill = m.params.preprocess.fill_corners
-        rows = []
+            logging.getLogger("sparsegan.serving").warning("this screening model was %s", warning)
         with tempfile.TemporaryDirectory() as tmp:
             images = []
             for k, value in enumerate(model_input["image"].tolist()):
                 try:
-                    images.append(load_gray(_image_file(str(value), Path(tmp), k), m.image_size,
-                                            fill))
+                    images.append(screener.load(_image_file(str(value), Path(tmp), k)))
                 except SkipImage as exc:
                     raise ValueError(f"image {k}: {exc}") from None
-        torch.manual_seed(m.seed)  # as in the score stage
-        knobs = parse_params({"score": cfg["score_params"]}).score
-        out = score_batch(m.detector, to_float(np.stack(images)[:, None]), knobs)[cfg["score"]]
-        heat = out.maps[cfg["map"]].float().numpy()[:, 0]
+        out = screener.score(np.stack(images))
+        heat = out.maps[screener.config["map"]].float().numpy()[:, 0]
+        rows = []
         for score, h in zip(out.score.float().numpy(), heat):
             lo, hi = float(h.min()), float(h.max())
             h = (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
             png = io.BytesIO()
             Image.fromarray(np.rint(h * 255).astype(np.uint8)).save(png, "PNG")
-            rows.append((float(score), cfg["phi"], "disease" if score > cfg["phi"] else "normal",
+            rows.append((float(score), screener.phi, screener.decision(float(score)),
                          base64.b64encode(png.getvalue()).decode()))
         return pd.DataFrame(rows, columns=[name for name, _ in OUTPUTS])
-
-
-def default_map(score: str) -> str:
-    """The map a reader is shown when calibration had no lesion masks to choose one on: the
-    residual activation map for the latent score, else the difference map."""
-    return "aam_residual" if score == "latent" else "difference"
 
 
 def signature():
@@ -143,28 +119,26 @@ def signature():
         outputs=Schema([ColSpec(kind, name) for name, kind in OUTPUTS]))
 
 
-def log_screening_model(row: str, model_dir: Path, calibration: dict,
-                        example_image: Path | None = None):
-    """Log the pyfunc screening model of ``row`` (``model_dir`` holds the trained model of the
-    calibration's seed) into the active run and register it as a version of
-    ``sparse-gan-oct-<row>``, tagged with the seed; returns the ``ModelInfo``."""
+def log_screening_model(model_dir: Path, config: dict, example_image: Path | None = None):
+    """Log the pyfunc screening model of ``config`` (:func:`sparsegan.screening.screening_config`;
+    ``model_dir`` holds the trained model of its seed) into the active run and register it as a
+    version of ``sparse-gan-oct-<row>``, tagged with the seed; returns the ``ModelInfo``."""
     import mlflow
     import pandas as pd
     import torch
 
-    from .train import load_trained
+    from .checkpoint import load_trained
 
-    model_dir = Path(model_dir)
+    model_dir, row = Path(model_dir), config["row"]
     with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / CONFIG
-        shown = calibration.get("map") or default_map(calibration["score"])
-        config.write_text(json.dumps(screening_config(calibration, shown), indent=1))
-        artifacts = {"weights": str(model_dir / "model.pt"), "config": str(config)}
+        config_file = Path(tmp) / CONFIG
+        config_file.write_text(json.dumps(config, indent=1))
+        artifacts = {"weights": str(model_dir / "model.pt"), "config": str(config_file)}
         input_example = None
         if example_image is not None:  # MLflow loads the logged model and runs it on this
             input_example = pd.DataFrame(
                 {"image": [base64.b64encode(Path(example_image).read_bytes()).decode()]})
-        load_trained(model_dir, model=calibration["model"])  # a bad file fails here, named
+        load_trained(model_dir, model=config["model"])  # a bad file fails here, named
         info = mlflow.pyfunc.log_model(
             name="screening", python_model=ScreeningModel(), artifacts=artifacts,
             code_paths=[str(Path(__file__).resolve().parent)], signature=signature(),
@@ -175,7 +149,7 @@ def log_screening_model(row: str, model_dir: Path, calibration: dict,
         if info.registered_model_version is not None:
             mlflow.MlflowClient().set_model_version_tag(
                 registered_name(row), str(info.registered_model_version), "seed",
-                str(calibration["seed"]))
+                str(config["seed"]))
         return info
 
 

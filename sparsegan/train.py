@@ -40,8 +40,8 @@ Speed (``scripts/bench.py`` measures each point; ``make bench``):
   for batches is logged as ``data_wait_share``.
 * **Layout and precision**: the networks and batches are channels_last on CPU too (oneDNN's
   preferred layout), bf16 autocast and ``cudnn.benchmark`` on CUDA;
-  ``train.compile`` compiles the networks (:func:`compile_networks`).
-* **Several GPUs**: under torchrun (``train.nproc_per_node`` > 1, see
+  ``runtime.compile`` compiles the networks (:func:`compile_networks`).
+* **Several GPUs**: under torchrun (``runtime.nproc_per_node`` > 1, see
   :mod:`sparsegan.distributed`) each rank trains on its shard of every global batch, the
   gradients averaged over the ranks in every optimizer step (the detectors' update path), and
   rank 0 alone logs, checkpoints and writes the model; a resumed run restarts all ranks from
@@ -51,42 +51,29 @@ Speed (``scripts/bench.py`` measures each point; ``make bench``):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import hashlib
 import json
 import os
-import pickle
 import random
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import distributed
-from .cli import StageError
+from .checkpoint import CheckpointError, load_trusted, model_file, resolve_device, save_atomic
 from .data.dataset import iterate_batches, load_split
 from .models import Detector, build_detector
 from .models.base import Diverged
-from .params import TRAIN_READS, ParamError, Params, check_model, parse_params
+from .params import Params, check_model
+from .spec import TRAIN_READS
 from .tracking import check_tracking, flatten, log_training_data, start_run
 
 CHECKPOINT_KEYS = ("config", "epoch", "history", "mlflow_run_id", "model", "optimizers", "rng")
-
-
-class CheckpointError(StageError):
-    """A checkpoint or model file cannot be used (unsafe pickle, corrupt, or not ours)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device = cuda but no CUDA GPU is visible; use 'auto' or 'cpu'")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def autocast(device: torch.device):
@@ -102,7 +89,7 @@ def setup_detector(model: str, seed: int, params: Params, image_size: int, devic
     """A fresh detector set up as training runs it: initialised from ``seed``, on ``device``,
     NHWC (cuDNN's and oneDNN's preferred layout, on CPU too), ``cudnn.benchmark`` on CUDA, the
     replicas made identical (SyncBatchNorm on CUDA, weights broadcast from rank 0) and its
-    updates averaged over the ranks under torchrun, compiled when ``train.compile``. The one
+    updates averaged over the ranks under torchrun, compiled when ``runtime.compile``. The one
     set-up of :func:`train_model`, ``scripts/bench.py`` and ``scripts/gpu_check.py``
     (``channels_last=False``: the benchmark's NCHW ablation)."""
     torch.manual_seed(seed)
@@ -112,9 +99,11 @@ def setup_detector(model: str, seed: int, params: Params, image_size: int, devic
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     detector = distributed.prepare_model(detector, device, dist)
-    if params.train.compile:
+    if params.runtime.compile:
         compile_networks(detector)
-    detector.distribute(dist)  # a no-op with one process
+    if dist.enabled:  # every optimizer step then averages the gradients over the ranks
+        detector.average_gradients_with(functools.partial(distributed.average_gradients,
+                                                          info=dist))
     return detector.train()
 
 
@@ -143,47 +132,6 @@ def config_hash(model: str, seed: int, params: Params, image_size: int) -> str:
     payload = json.dumps([model, seed, image_size, trained_params(model, params)],
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _save_atomic(obj: dict, path: Path) -> None:
-    """Write ``obj`` to ``path`` so that a crash at any point leaves either the old or the new
-    file, never a partial one: write ``<path>.tmp``, flush it to disk, rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def load_trusted(path: Path, what: str, keys: tuple[str, ...],
-                 map_location: Any = "cpu") -> dict:
-    """``torch.load(path, weights_only=True)``: tensors and plain data only, so a crafted pickle
-    cannot run code. Anything unsafe, unreadable or without ``keys`` raises CheckpointError."""
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        detail = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"{path}: refused to load this {what}: it holds pickled objects other than tensors "
-            f"and plain data{detail}, which could run code, so it was not made by this pipeline "
-            f"(or by an incompatible version). Nothing was loaded; move it away (or delete it) "
-            f"and re-run.") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable {what} (corrupt or truncated: "
-                              f"{' '.join(str(exc).split())[:120]}); move it away (or delete "
-                              f"it) and re-run.") from None
-    if not isinstance(state, dict) or not set(keys) <= set(state):
-        raise CheckpointError(f"{path}: not a {what} of this pipeline (expected the keys "
-                              f"{', '.join(keys)}); move it away (or delete it) and re-run.")
-    return state
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
@@ -277,7 +225,7 @@ def data_prefetch(device: torch.device) -> int:
 
 
 def compile_networks(detector: Detector) -> None:
-    """``train.compile``: ``torch.compile`` every network of ``detector`` in place
+    """``runtime.compile``: ``torch.compile`` every network of ``detector`` in place
     (``nn.Module.compile``: the state_dict keys stay as they are), except f-AnoGAN's critic,
     whose gradient penalty needs a double backward, which compiled graphs do not support.
     """
@@ -310,19 +258,19 @@ def train_model(model: str, seed: int, params: Params, processed_dir: Path, mode
     Returns the per-epoch mean losses."""
     check_model(model)
     tag = f"{model} s{seed}"  # in messages
-    t = params.train
-    dist, device = distributed.setup(resolve_device(t.device))  # a no-op outside torchrun
-    if t.nproc_per_node > 1 and not dist.enabled:
-        print(f"[train {tag}] train.nproc_per_node = {t.nproc_per_node}, but this process was "
+    r = params.runtime
+    dist, device = distributed.setup(resolve_device(r.device))  # a no-op outside torchrun
+    if r.nproc_per_node > 1 and not dist.enabled:
+        print(f"[train {tag}] runtime.nproc_per_node = {r.nproc_per_node}, but this process was "
               f"not started by torchrun: training in this one process (stages/train.py launches "
               f"torchrun itself)", file=sys.stderr)
     main = dist.is_main  # rank 0 logs, checkpoints and writes the model
     log_mlflow = log_mlflow and main
     if log_mlflow:
         check_tracking()  # an unreachable store is reported now, not after hours of training
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    batch_size = distributed.per_rank_batch(t.batch_size, dist)
+    if r.num_threads:
+        torch.set_num_threads(r.num_threads)
+    batch_size = distributed.per_rank_batch(params.train.batch_size, dist)
     images, _, _ = load_split(processed_dir, "train")
     image_size = images.shape[-1]
     detector = setup_detector(model, seed, params, image_size, device, dist)
@@ -365,7 +313,7 @@ def train_model(model: str, seed: int, params: Params, processed_dir: Path, mode
             _log_missing_epochs(run_id, history)
         phases = detector.phases()
         if start_epoch == 0 and main:  # the starting point, with the run id: a kill in epoch 1 resumes too
-            _save_atomic(_state(detector, 0, history, config, data, run_id, generator, device),
+            save_atomic(_state(detector, 0, history, config, data, run_id, generator, device),
                          checkpoint)
         for epoch in range(start_epoch, len(phases)):
             detector.train()
@@ -410,7 +358,7 @@ def train_model(model: str, seed: int, params: Params, processed_dir: Path, mode
                   + " ".join(f"{k}={v:.4f}" for k, v in means.items())
                   + f" {seconds:.1f}s (data wait {row['data_wait_share']:.1%})")
             # checkpoint first, then MLflow: a kill in between is caught up on resume
-            _save_atomic(_state(detector, epoch + 1, history, config, data, run_id, generator,
+            save_atomic(_state(detector, epoch + 1, history, config, data, run_id, generator,
                                 device), checkpoint)
             if log_mlflow:
                 mlflow.log_metrics(_row_metrics(row), step=epoch + 1)
@@ -421,66 +369,10 @@ def train_model(model: str, seed: int, params: Params, processed_dir: Path, mode
     model_dir.mkdir(parents=True, exist_ok=True)
     trained_on = {"source": params.data.source, "folder": params.data.folder,
                   "n_train": len(images), "fingerprint": data}
-    _save_atomic(model_file(model, seed, params, image_size, config, detector.state_dict(),
+    save_atomic(model_file(model, seed, params, image_size, config, detector.state_dict(),
                             trained_on), model_dir / "model.pt")
     (model_dir / "history.json").write_text(json.dumps(history, indent=1))
     (model_dir / "mlflow_run.json").write_text(json.dumps({"run_id": run_id}))
     checkpoint.unlink(missing_ok=True)
     distributed.teardown()
     return history
-
-
-MODEL_FORMAT = 3  # 3: one file per (model, seed), with the params it was trained with
-TRAINED_SECTIONS = ("preprocess", "model", "srn", "train", "anogan", "fanogan")
-
-
-class Trained(NamedTuple):
-    """A trained model as read from its ``model.pt``, ready to score (eval mode)."""
-
-    detector: Detector
-    model: str  # one of sparsegan.params.MODELS
-    seed: int
-    image_size: int
-    params: Params  # what it was trained with
-    data: dict  # what it was trained on: source, folder, n_train, fingerprint
-
-
-def model_file(model: str, seed: int, params: Params, image_size: int, config: str,
-               weights: dict, data: dict) -> dict:
-    """The content of ``model.pt``: enough to rebuild the detector without any params.yaml
-    (model, seed, image size, the training params of :data:`TRAINED_SECTIONS`, the
-    preprocessing the scans must get) and what it was trained on (``data``: source, folder,
-    n_train, fingerprint); plain data and tensors only so that it loads with ``weights_only``."""
-    stored = {k: v for k, v in dataclasses.asdict(params).items() if k in TRAINED_SECTIONS}
-    return {"format": MODEL_FORMAT, "name": model, "seed": seed, "image_size": image_size,
-            "config": config, "params": stored, "data": dict(data), "model": weights}
-
-
-def load_trained(model_dir: Path, device: torch.device | None = None, *,
-                 model: str | None = None) -> Trained:
-    """The detector of ``model_dir/model.pt``, rebuilt from the params stored in it: the one
-    loader of scoring, evaluation and ``sparsegan predict``. ``model``: the model the caller
-    expects (another one is an error). Read with ``weights_only=True``; an unsafe, foreign,
-    damaged or older-format file raises CheckpointError naming the file and what to run."""
-    path = Path(model_dir) / "model.pt"
-    what = f"train_{model}" if model else "train_<model>"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no trained model; run `dvc repro {what}` first")
-    state = load_trusted(path, "trained model", ("image_size", "model"))
-    if state.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{path}: a model file of an older layout (format "
-                              f"{state.get('format', 1)}, this version reads {MODEL_FORMAT}); "
-                              f"re-make it with `dvc repro {what}`")
-    stored = state["name"]
-    if model is not None and stored != model:
-        raise CheckpointError(f"{path} holds model {stored!r}, not {model!r}")
-    try:
-        params = parse_params(state["params"])
-        detector = build_detector(check_model(stored), params, int(state["image_size"]))
-        detector.load_state_dict(state["model"])
-    except (ParamError, RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: its weights do not fit the architecture it describes "
-                              f"({' '.join(str(exc).split())[:120]}); damaged, or made by "
-                              f"another version: re-make it with `dvc repro {what}`") from None
-    return Trained(detector.to(device or torch.device("cpu")).eval(), stored, int(state["seed"]),
-                   int(state["image_size"]), params, dict(state.get("data") or {}))

@@ -1,16 +1,16 @@
 """Stage evaluate@<row>: test metrics of every seed at its validation phi, their mean and spread."""
 
 import sys
-from pathlib import Path
 
+from sparsegan import layout
 from sparsegan.cli import run_stage
 from sparsegan.evaluate import evaluate_row
 from sparsegan.params import load_params
 
 
 def main(row: str) -> None:
-    evaluate_row(row, load_params(), Path("data/processed"), Path("scores"), Path("models"),
-                 Path("reports/rows") / row)
+    evaluate_row(row, load_params(), layout.PROCESSED, layout.SCORES, layout.MODELS,
+                 layout.ROWS / row)
 
 
 if __name__ == "__main__":

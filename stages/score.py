@@ -1,8 +1,8 @@
 """Stage score@<model>-<seed>: every score of one trained model, on validation and test scans."""
 
 import sys
-from pathlib import Path
 
+from sparsegan import layout
 from sparsegan.cli import run_stage
 from sparsegan.params import check_model, check_seed, load_params
 from sparsegan.scoring import score_model
@@ -10,9 +10,9 @@ from sparsegan.scoring import score_model
 
 def main(model: str, seed: str) -> None:
     params = load_params()
-    where = Path(check_model(model)) / f"s{check_seed(seed)}"
-    score_model(model, int(seed), params.score, params.train.batch_size, params.train.device,
-                Path("data/processed"), Path("models") / where, Path("scores") / where)
+    where = layout.seed_dir(check_model(model), check_seed(seed))
+    score_model(model, int(seed), params.score, params.runtime.score_batch, params.runtime.device,
+                layout.PROCESSED, layout.MODELS / where, layout.SCORES / where)
 
 
 if __name__ == "__main__":

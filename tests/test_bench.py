@@ -1,20 +1,13 @@
-"""Smoke test of scripts/bench.py's helpers at tiny sizes (the real run is `make bench`)."""
+"""Smoke test of sparsegan/bench.py's helpers at tiny sizes (the real run is `make bench`)."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-bench = importlib.util.module_from_spec(spec)
-sys.modules["bench"] = bench
-spec.loader.exec_module(bench)
+from sparsegan import bench
+from sparsegan.flops import count_flops
 
 
 def test_flop_count_matches_torch_flop_counter_and_handles_double_backward():
@@ -25,10 +18,10 @@ def test_flop_count_matches_torch_flop_counter_and_handles_double_backward():
     x = torch.rand(2, 1, 16, 16) * 2 - 1
     with FlopCounterMode(display=False) as reference:
         detector.train_step(x, "generator")
-    assert bench._count_flops(lambda: detector.train_step(x, "generator"), 1) \
+    assert count_flops(lambda: detector.train_step(x, "generator"), 1) \
         == reference.get_total_flops() > 0
     fanogan = build_detector("fanogan", Params(model=ModelParams(base_channels=2)), 16)
-    assert bench._count_flops(lambda: fanogan.train_step(x, "gan"), 1) > 0  # gradient penalty
+    assert count_flops(lambda: fanogan.train_step(x, "gan"), 1) > 0  # gradient penalty
 
 
 def test_contention_counts_other_processes_only():

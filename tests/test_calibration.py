@@ -117,10 +117,11 @@ def test_calibrate_row_saves_phi_criterion_and_validation_point(tmp_path, criter
     result = calibrate_row("pix2pix_image", params, tmp_path / "scores", out)
     saved = json.loads((out / "s4.json").read_text())
     assert saved == result[4] and sorted(p.name for p in out.iterdir()) == ["s4.json"]
-    # what predict needs to rebuild the row: its trained model, score, seed and scoring knobs
+    # what predict needs to rebuild the row: its trained model, score and seed (the scoring
+    # knobs come from the score stage's settings.json, not from a copy here)
     assert (saved["row"], saved["model"], saved["score"], saved["seed"]) == (
         "pix2pix_image", "pix2pix", "image", 4)
-    assert saved["score_params"]["anogan"]["search_steps"] == params.score.anogan.search_steps
+    assert "score_params" not in saved
     assert saved["phi"] == pytest.approx(phi)
     assert saved["criterion"] == criterion
     expected_point = detection_metrics(labels, scores, phi)
@@ -201,7 +202,7 @@ def test_patient_rule_is_chosen_on_validation_and_applied_to_test_patients(tmp_p
         return pd.DataFrame(rows)
 
     val, test = patients(40, "v"), patients(30, "t")
-    rule = calibrate_patients(val["patient"], val["label"], val["score"], "youden", 0.95)
+    rule = calibrate_patients(val["patient"], val["label"], val["score"], 1.5)
     assert rule["aggregation"] == "max" and rule["n_patients"] == 40
     assert rule["val_auc_by_aggregation"]["max"] > rule["val_auc_by_aggregation"]["mean"]
     scores_dir = tmp_path / "scores"
@@ -217,6 +218,37 @@ def test_patient_rule_is_chosen_on_validation_and_applied_to_test_patients(tmp_p
     _, y, s = aggregate_patients(test["patient"], test["label"], test["score"], "max")
     assert m["test_patient_auc"] == pytest.approx(roc_auc_score(y, s))
     assert m["test_patient_auc"] > m["test_auc"]  # the spike decides per patient, not per scan
+    # one threshold: the patient decisions are at the scans' phi
+    assert m["test_patient_accuracy"] == pytest.approx(
+        detection_metrics(y, s, calibration["phi"])["accuracy"])
+
+
+def test_a_patient_with_one_scan_gets_its_scans_decision():
+    """A patient's score is the aggregation of its scans' scores, decided at the scans' phi: for
+    a one-scan patient every aggregation is that scan's score, so the two decisions agree (the
+    issue: scan phi 1.42 said disease, a patient phi of 1.71 said normal); with ``max`` a
+    patient is diseased exactly when one of its scans is."""
+    from sparsegan.metrics import PATIENT_AGGREGATIONS, calibrate_patients
+    from sparsegan.screening import Screener
+
+    patients = ["a", "a", "b", "b", "c", "d"]
+    labels = np.array([0, 0, 1, 1, 0, 1])
+    scores = np.array([0.2, 0.3, 1.0, 1.9, 0.1, 1.5])
+    rule = calibrate_patients(patients, labels, scores, phi=1.42)
+    assert set(rule) == {"aggregation", "val_auc_by_aggregation", "n_patients", "validation"}
+
+    class Trained:
+        seed, data = 0, {}
+
+    for how in PATIENT_AGGREGATIONS:
+        screener = Screener(Trained(), {"phi": 1.42, "patient": {"aggregation": how},
+                                        "score_params": {}, "score": "latent"})
+        scored = [("solo", 1.5), ("pair", 1.0), ("pair", 1.9), ("low", 0.3)]
+        decided = {p: d for p, _, _, d in screener.patients(scored)}
+        assert decided["solo"] == screener.decision(1.5) == "disease"
+        assert decided["low"] == screener.decision(0.3) == "normal"
+        if how == "max":
+            assert decided["pair"] == "disease"  # one of its scans is
 
 
 def test_the_map_shown_is_the_best_on_validation_masks(tmp_path):

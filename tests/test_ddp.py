@@ -1,6 +1,6 @@
 """Data-parallel training (sparsegan/distributed.py) gives the single-process result.
 
-The stage ``stages/train.py`` with ``train.nproc_per_node: 2`` re-launches itself under torchrun:
+The stage ``stages/train.py`` with ``runtime.nproc_per_node: 2`` re-launches itself under torchrun:
 two CPU processes (gloo), each reading its shard of every shuffled batch (4 of the global 8),
 the gradients averaged over the ranks in every optimizer step (the detectors' update path), rank
 0 writing the checkpoint, the model and the MLflow run. Its model must equal the one of
@@ -32,9 +32,10 @@ import torch
 import yaml
 
 from sparsegan import distributed
-from sparsegan.data.dataset import iterate_batches
+from sparsegan.checkpoint import load_trusted
+from sparsegan.data.dataset import iterate_batches, shard
 from sparsegan.params import parse_params
-from sparsegan.train import load_trusted, train_model
+from sparsegan.train import train_model
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "sparse_gan"  # G + D + SRN: every kind of step the reconstruction models take
@@ -42,8 +43,8 @@ SEED = 3
 PARAMS = {
     "data": {"image_size": 32},
     "model": {"base_channels": 4, "norm": "none"},
-    "train": {"epochs": 2, "batch_size": 8, "num_threads": 1, "device": "cpu",
-              "nproc_per_node": 2},
+    "train": {"epochs": 2, "batch_size": 8},
+    "runtime": {"num_threads": 1, "device": "cpu", "nproc_per_node": 2},
 }
 N_TRAIN = 24  # 3 global batches of 8 per epoch, 6 optimizer steps of G and of D
 
@@ -88,7 +89,7 @@ def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(tmp_path
     assert not (repo / "checkpoints" / where / "checkpoint.pt").exists()
 
     # one process, the same global batch of 8, the same seed and shuffle
-    params = parse_params({**PARAMS, "train": {**PARAMS["train"], "nproc_per_node": 1}})
+    params = parse_params({**PARAMS, "runtime": {**PARAMS["runtime"], "nproc_per_node": 1}})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -120,7 +121,7 @@ def _initial_state(params) -> dict:
 
 def test_shards_partition_every_global_batch_like_distributed_sampler():
     order = np.random.default_rng(0).permutation(10)
-    shards = [distributed.shard(order, r, 3) for r in range(3)]
+    shards = [shard(order, r, 3) for r in range(3)]
     assert [len(s) for s in shards] == [4, 4, 4]  # padded to 12 by repeating the start
     assert sorted(np.concatenate(shards).tolist()) == sorted(order.tolist() + order[:2].tolist())
     sampler = torch.utils.data.DistributedSampler(range(10), num_replicas=3, rank=1,

@@ -230,11 +230,7 @@ def test_missing_folder_and_no_tree_errors(tmp_path):
 
 
 def test_real_study_groups_runs_of_20_renamed_files(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("study", Path(__file__).parent.parent
-                                                  / "scripts" / "study.py")
-    study = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(study)
+    from sparsegan.studies import table as study
     root = tmp_path / "tree"
     for n in (1, 19, 20, 39, 40):
         _jpeg(root / "train" / "NORMAL" / f"normal_train_{n}.jpg", n)

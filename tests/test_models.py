@@ -417,7 +417,7 @@ def test_model_file_rebuilds_its_detector_whatever_the_current_params(tmp_path):
     come from params.score when scoring)."""
     from sparsegan.models import build_detector
     from sparsegan.params import AnoganParams, Params
-    from sparsegan.train import load_trained, model_file
+    from sparsegan.checkpoint import load_trained, model_file
 
     trained = Params(model=ModelParams(base_channels=4), anogan=AnoganParams(latent_dim=8))
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from sparsegan.data.dataset import to_float
 from sparsegan.data.preprocess import load_gray, read_gray
 from sparsegan.metrics import calibrate_row
 from sparsegan.models import build_detector
-from sparsegan.params import DataParams, ModelParams, Params, TrainParams
+from sparsegan.params import DataParams, ModelParams, Params, RuntimeParams, TrainParams
 from sparsegan.predict import main, overlay_image, render_overlay
 from sparsegan.scoring import score_batch
 from sparsegan.train import train_model
@@ -28,7 +28,7 @@ SIZE = 32
 SEEDS = (2, 10)  # by name "s10" sorts before "s2": the default seed must be the lowest number
 PARAMS = Params(seeds=SEEDS, data=DataParams(source="folder", folder="/data/oct", image_size=SIZE),
                 model=ModelParams(base_channels=4),
-                train=TrainParams(epochs=1, batch_size=4, device="cpu"))
+                train=TrainParams(epochs=1, batch_size=4), runtime=RuntimeParams(device="cpu"))
 
 
 def scan(w: int, h: int, seed: int) -> np.ndarray:
@@ -75,8 +75,9 @@ def row_scores(detector, images: list[np.ndarray], score: str) -> np.ndarray:
 def calibrate(cal_root: Path, row: str, phis: dict[int, float], params: Params = PARAMS,
               **extra) -> Path:
     """``<cal_root>/<row>/calibration/s<seed>.json`` as the calibrate stage writes them (from
-    validation scores of the row's model and score), phi then set to ``phis[seed]`` and the keys
-    of ``extra`` added; returns the folder."""
+    validation scores of the row's model and score, in ``<cal_root>-scores`` with the score
+    settings), phi then set to ``phis[seed]`` and the keys of ``extra`` added; returns the
+    folder."""
     model, score = params.rows[row]
     scores_root = cal_root.parent / f"{cal_root.name}-scores"
     for seed in params.seeds:
@@ -84,6 +85,8 @@ def calibrate(cal_root: Path, row: str, phis: dict[int, float], params: Params =
         folder.mkdir(parents=True, exist_ok=True)
         pd.DataFrame({"label": [0, 0, 0, 1, 1, 1], "score": [0.1, 0.3, 0.2, 0.4, 0.6, 0.5]}
                      ).to_csv(folder / "val.csv", index=False)
+        (folder.parent / "settings.json").write_text(json.dumps(  # as the score stage writes it
+            {"model": model, "seed": seed, "score": {}}))
     out = cal_root / row / "calibration"
     calibrate_row(row, params, scores_root, out)
     for seed, phi in phis.items():
@@ -139,9 +142,15 @@ def repo(tmp_path_factory):
 def run(repo, *inputs, row="sparse_gan", extra=(), out="preds"):
     root = repo["root"]
     argv = ["predict", "--row", row, "--models", str(root / "models"),
-            "--calibration", str(repo["cal"]), "--out", str(root / out),
+            *calibration(repo["cal"]), "--out", str(root / out),
             "--batch-size", "2", "--device", "cpu", *extra, *map(str, inputs)]
     return main(argv)
+
+
+def calibration(folder) -> list[str]:
+    """predict's options for a calibration folder made by :func:`calibrate` (its scores and
+    score settings beside it, in ``<folder>-scores``)."""
+    return ["--calibration", str(folder), "--scores", f"{folder}-scores"]
 
 
 def read_rows(path):
@@ -199,7 +208,7 @@ def test_explicit_good_files_exit_0_and_overlay_shows_the_map(repo, capsys):
 def test_missing_input_is_a_failure_but_others_are_scored(repo, capsys):
     root = repo["root"]
     code = main(["predict", "--variant", "sparse_gan", "--models", str(root / "models"),  # alias
-                 "--calibration", str(repo["cal"]), "--out", str(root / "preds_missing"),
+                 *calibration(repo["cal"]), "--out", str(root / "preds_missing"),
                  "--device", "cpu", str(root / "nope.png"), str(repo["scans"] / "gray1.jpeg")])
     assert code == 1
     assert "nope.png: no such file or folder" in capsys.readouterr().err
@@ -257,7 +266,7 @@ def test_the_row_names_the_score_of_the_trained_model(repo, capsys):
 def test_unknown_row_is_a_one_line_usage_error(repo, tmp_path, capsys):
     for flag in ("--row", "--variant"):
         code = main(["predict", flag, "sparse", "--models", str(repo["root"] / "models"),
-                     "--calibration", str(repo["cal"]), "--out", str(tmp_path / "out"),
+                     *calibration(repo["cal"]), "--out", str(tmp_path / "out"),
                      "--device", "cpu", str(repo["scans"])])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2
@@ -317,7 +326,7 @@ def test_usage_errors_exit_2_with_one_line(repo, tmp_path, capsys, case, needle)
         state = torch.load(model_pt(repo), weights_only=True)
         torch.save({**state, "name": "autoencoder"},
                    models / "sparse_gan" / f"s{SEEDS[0]}" / "model.pt")
-    code = main(["predict", "--row", row, "--models", str(models), "--calibration", str(calib),
+    code = main(["predict", "--row", row, "--models", str(models), *calibration(calib),
                  *extra, "--out", str(tmp_path / "out"), str(repo["scans"])])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
@@ -367,7 +376,7 @@ def test_row_without_aam_uses_the_difference_map_and_16bit_input(repo, tmp_path,
     with Image.open(tmp_path / "deep.png") as im:
         assert im.mode.startswith("I")
     code = main(["predict", "--row", "autoencoder", "--models", str(tmp_path / "models"),
-                 "--calibration", str(tmp_path / "cal"), "--out", str(tmp_path / "out"),
+                 *calibration(tmp_path / "cal"), "--out", str(tmp_path / "out"),
                  "--device", "cpu", str(tmp_path / "deep.png")])
     assert code == 0, capsys.readouterr().err
     (row,) = read_rows(tmp_path / "out" / "predictions.csv")
@@ -408,7 +417,7 @@ def test_predict_needs_no_params_yaml_and_uses_the_models_preprocessing(repo, tm
         torch.save(state, models / "sparse_gan" / f"s{SEEDS[0]}" / "model.pt")
         out = tmp_path / f"out{int(fill)}"
         code = main(["predict", "--row", "sparse_gan", "--models", str(models),
-                     "--calibration", str(repo["cal"]), "--out", str(out),
+                     *calibration(repo["cal"]), "--out", str(out),
                      "--device", "cpu", "corner.png"])
         assert code == 0, capsys.readouterr().err
         (row,) = read_rows(out / "predictions.csv")
@@ -426,7 +435,7 @@ def test_a_model_trained_on_synthetic_scans_says_so_once(repo, tmp_path, capsys)
     (tmp_path / "models" / "sparse_gan" / f"s{SEEDS[0]}").mkdir(parents=True)
     torch.save(state, tmp_path / "models" / "sparse_gan" / f"s{SEEDS[0]}" / "model.pt")
     code = main(["predict", "--row", "sparse_gan", "--models", str(tmp_path / "models"),
-                 "--calibration", str(repo["cal"]), "--out",
+                 *calibration(repo["cal"]), "--out",
                  str(tmp_path / "out"), "--device", "cpu", str(repo["scans"] / "gray1.jpeg"),
                  str(repo["scans"] / "sub" / "gray2.jpg")])
     err = capsys.readouterr().err
@@ -551,14 +560,15 @@ def _copy_calibration(repo, tmp_path, **changes) -> Path:
     name = f"s{SEEDS[0]}.json"
     saved = json.loads((repo["cal"] / "sparse_gan" / "calibration" / name).read_text())
     (calib / name).write_text(json.dumps({**saved, **changes}))
+    shutil.copytree(f"{repo['cal']}-scores", tmp_path / "cal-scores")
     return tmp_path / "cal"
 
 
 def test_patient_level_decisions_group_by_name_folder_and_dicom_series(repo, tmp_path, capsys):
     """Patients from OCT2017 names, a folder per patient and a DICOM series; the patient score
-    is the validation-chosen aggregation of its scans' scores, decided at the patient phi."""
+    is the validation-chosen aggregation of its scans' scores, decided at the scans' phi."""
     root = repo["root"]
-    cal = _copy_calibration(repo, tmp_path, patient={"aggregation": "max", "phi": repo["phi"]})
+    cal = _copy_calibration(repo, tmp_path, patient={"aggregation": "max"})
     scans = tmp_path / "in"
     (scans / "p7").mkdir(parents=True)
     for k, seed in enumerate((21, 22)):
@@ -567,7 +577,7 @@ def test_patient_level_decisions_group_by_name_folder_and_dicom_series(repo, tmp
     Image.fromarray(scan(90, 70, 40)).save(scans / "alone.png")
     _dicom(scans / "vol.dcm", np.stack([scan(80, 60, s).astype(np.uint16) for s in (1, 2)]))
     code = main(["predict", "--row", "sparse_gan", "--models", str(root / "models"),
-                 "--calibration", str(cal), "--out", str(tmp_path / "out"),
+                 *calibration(cal), "--out", str(tmp_path / "out"),
                  "--device", "cpu", str(scans)])
     assert code == 0, capsys.readouterr().err
     rows = read_rows(tmp_path / "out" / "predictions.csv")
@@ -599,7 +609,7 @@ def test_auto_map_follows_the_calibrated_choice(repo, tmp_path):
     root = repo["root"]
     cal = _copy_calibration(repo, tmp_path, map="aam")
     common = ["predict", "--row", "sparse_gan", "--models", str(root / "models"),
-              "--calibration", str(cal), "--device", "cpu", str(repo["scans"] / "gray1.jpeg")]
+              *calibration(cal), "--device", "cpu", str(repo["scans"] / "gray1.jpeg")]
     assert main([*common, "--out", str(tmp_path / "auto")]) == 0
     assert main([*common, "--out", str(tmp_path / "aam"), "--map", "aam"]) == 0
     assert main([*common, "--out", str(tmp_path / "res"), "--map", "aam_residual"]) == 0

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from sparsegan.metrics import calibrate_row
-from sparsegan.params import DataParams, ModelParams, Params, TrainParams
+from sparsegan.params import DataParams, ModelParams, Params, RuntimeParams, TrainParams
 from sparsegan.predict import main
 from sparsegan.train import train_model
 from test_predict import SIZE, scan
@@ -39,16 +39,19 @@ PHI = {"sparse_gan": 0.0, "autoencoder": 1e9}
 def _params(seeds) -> Params:
     return Params(seeds=tuple(seeds), model=ModelParams(base_channels=4),
                   data=DataParams(source="folder", folder="/data/oct", image_size=SIZE),
-                  train=TrainParams(epochs=1, batch_size=4, device="cpu"))
+                  train=TrainParams(epochs=1, batch_size=4), runtime=RuntimeParams(device="cpu"))
 
 
 def _calibrate(root: Path, row: str, params: Params, phi: float) -> dict[int, dict]:
     """``cal/<row>/calibration/s<seed>.json`` by calibrate_row from validation scores with
-    patients (so that it has a patient rule), both phis then set to ``phi``."""
+    patients (so that it has a patient rule), phi then set to ``phi``; the score settings
+    beside the scores as the score stage writes them."""
     model, score = params.rows[row]
     for seed in params.seeds:
         folder = root / "scores" / model / f"s{seed}" / score
         folder.mkdir(parents=True, exist_ok=True)
+        (folder.parent / "settings.json").write_text(json.dumps(
+            {"model": model, "seed": seed, "score": {"anogan": {"search_steps": 7}}}))
         pd.DataFrame({"label": [0, 0, 0, 0, 1, 1, 1, 1],
                       "score": [0.1, 0.3, 0.2, 0.25, 0.4, 0.6, 0.5, 0.2],
                       "patient": ["a", "a", "b", "b", "c", "c", "d", "d"]}
@@ -58,7 +61,6 @@ def _calibrate(root: Path, row: str, params: Params, phi: float) -> dict[int, di
     for seed, cal in result.items():
         assert cal["patient"]["aggregation"] in ("max", "mean", "top3_mean")
         cal["phi"] = phi
-        cal["patient"]["phi"] = phi
         (out / f"s{seed}.json").write_text(json.dumps(cal))
     return result
 
@@ -71,6 +73,7 @@ def store(tmp_path_factory):
     sparse-gan-oct-autoencoder version 1 (seed 0); then the champion set by validation AUC."""
     import mlflow
 
+    from sparsegan.screening import read_config
     from sparsegan.serving import log_screening_model, set_champion
     from sparsegan.tracking import start_run
 
@@ -96,9 +99,9 @@ def store(tmp_path_factory):
                             root / "checkpoints" / where, log_mlflow=True)
                 run_id = json.loads((root / "models" / where / "mlflow_run.json").read_text())
                 with start_run(model, seed, run_id["run_id"]):
-                    cal = json.loads((root / "cal" / row / "calibration" / f"s{seed}.json")
-                                     .read_text())
-                    log_screening_model(row, root / "models" / where, cal, scans / "s1.png")
+                    config = read_config(root / "cal" / row / "calibration" / f"s{seed}.json",
+                                         root / "scores" / where / "settings.json")
+                    log_screening_model(root / "models" / where, config, scans / "s1.png")
         assert mlflow.active_run() is None
         champion = set_champion(VAL_AUCS)
     finally:
@@ -121,7 +124,8 @@ def _local(store, out, row="sparse_gan", seed=0):
     """``sparsegan predict`` of the scans with the local files of ``row`` and ``seed``."""
     return _predict_csv(["--row", row, "--seed", str(seed), "--models",
                          str(store["root"] / "models"), "--calibration",
-                         str(store["root"] / "cal"), str(store["scans"])], out)
+                         str(store["root"] / "cal"), "--scores", str(store["root"] / "scores"),
+                         str(store["scans"])], out)
 
 
 def _b64(path: Path) -> str:
@@ -169,8 +173,8 @@ def test_registry_champion_pyfunc_and_model_uri_match_the_local_model(store, tmp
     assert (config["row"], config["model"], config["score"], config["seed"]) == (
         "sparse_gan", "sparse_gan", "latent", 0)
     assert config["phi"] == 0.0 and config["map"] == "aam_residual"  # no masks: default_map
-    assert config["patient"] == {"aggregation": cal["patient"]["aggregation"], "phi": 0.0}
-    assert config["score_params"] == cal["score_params"]
+    assert config["patient"] == {"aggregation": cal["patient"]["aggregation"]}
+    assert config["score_params"] == {"anogan": {"search_steps": 7}}  # the score stage's
 
     model = mlflow.pyfunc.load_model("models:/sparse-gan-oct-sparse_gan@champion")
     assert model.metadata.get_input_schema().input_names() == ["image"]
@@ -257,7 +261,8 @@ def test_mlflow_models_serve_answers_with_the_predict_scores(store, tmp_path):
 def test_the_served_model_warns_once_when_trained_on_synthetic_scans(store, tmp_path, caplog):
     import logging
 
-    from sparsegan.serving import ScreeningModel, screening_config
+    from sparsegan.screening import screening_config
+    from sparsegan.serving import ScreeningModel
 
     state = torch.load(store["root"] / "models" / "sparse_gan" / "s0" / "model.pt",
                        weights_only=True)
@@ -265,7 +270,8 @@ def test_the_served_model_warns_once_when_trained_on_synthetic_scans(store, tmp_
     state["data"] = {"source": "synthetic", "n_train": 2400}
     torch.save(state, tmp_path / "model.pt")
     (tmp_path / "c.json").write_text(json.dumps(screening_config(
-        store["calibrations"]["sparse_gan"][0], "aam_residual")))
+        store["calibrations"]["sparse_gan"][0],
+        {"model": "sparse_gan", "seed": 0, "score": {}})))
 
     class Ctx:
         artifacts = {"weights": str(tmp_path / "model.pt"), "config": str(tmp_path / "c.json")}
@@ -280,18 +286,22 @@ def test_the_served_model_warns_once_when_trained_on_synthetic_scans(store, tmp_
     assert len(warnings) == 1 and "2400" in warnings[0].getMessage()
 
 
-def test_screening_config_and_default_map():
-    from sparsegan.serving import default_map, screening_config
+def test_screening_config_joins_calibration_and_score_settings_of_one_model():
+    from sparsegan.screening import ScreeningError, default_map, screening_config
 
-    cal = {"row": "pix2pix_image", "model": "pix2pix", "score": "image", "seed": 3,
-           "score_params": {"anogan": {"search_steps": 5}}, "phi": 1, "criterion": "youden",
-           "validation": {"auc": 0.8}, "patient": {"aggregation": "mean", "phi": 2,
-                                                   "n_patients": 9}}
-    assert screening_config(cal, "difference") == {
+    cal = {"row": "pix2pix_image", "model": "pix2pix", "score": "image", "seed": 3, "phi": 1,
+           "criterion": "youden", "validation": {"auc": 0.8},
+           "patient": {"aggregation": "mean", "n_patients": 9}}
+    settings = {"model": "pix2pix", "seed": 3, "score": {"anogan": {"search_steps": 5}}}
+    assert screening_config(cal, settings) == {
         "row": "pix2pix_image", "model": "pix2pix", "score": "image", "seed": 3,
         "score_params": {"anogan": {"search_steps": 5}}, "phi": 1.0, "criterion": "youden",
-        "map": "difference", "patient": {"aggregation": "mean", "phi": 2.0}}
-    assert screening_config({**cal, "patient": None}, "aam")["patient"] is None
+        "map": "difference", "patient": {"aggregation": "mean"}}
+    assert screening_config({**cal, "patient": None, "map": "aam"}, settings)["patient"] is None
+    with pytest.raises(ScreeningError, match="score settings are of pix2pix s4"):
+        screening_config(cal, {**settings, "seed": 4})
+    with pytest.raises(ScreeningError, match="not a calibration"):
+        screening_config({"row": "x"}, settings)
     assert default_map("latent") == "aam_residual"
     assert [default_map(s) for s in ("image", "search", "izif")] == ["difference"] * 3
 

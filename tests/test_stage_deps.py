@@ -48,11 +48,23 @@ def _imports(path: Path) -> set[str]:
                 names.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
     return names
 
+def _spec_modules() -> set[str]:
+    """``sparsegan.models`` builds each model from the module its spec names (importlib):
+    those modules are imports of ``sparsegan/models/__init__.py``."""
+    from sparsegan.spec import MODEL_SPECS
+
+    return {f"{PKG}.models.{s.module}" for s in MODEL_SPECS}
+
+
 def closure(script: Path) -> set[Path]:
     seen: set[Path] = {script}
     todo = [script]
     while todo:
-        for name in _imports(todo.pop()):
+        path = todo.pop()
+        names = _imports(path)
+        if path == ROOT / PKG / "models" / "__init__.py":
+            names |= _spec_modules()
+        for name in names:
             f = _module_file(name)
             if f is not None and f not in seen:
                 seen.add(f)
@@ -100,7 +112,7 @@ def test_the_closure_follows_relative_and_lazy_imports():
 
 
 def test_each_train_stage_lists_exactly_the_params_its_model_reads():
-    from sparsegan.params import MODELS, TRAIN_READS
+    from sparsegan.spec import MODELS, TRAIN_READS
 
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     trains = {name[len("train_"):]: st for name, st in spec.items() if name.startswith("train_")}
@@ -108,7 +120,7 @@ def test_each_train_stage_lists_exactly_the_params_its_model_reads():
     for model, st in trains.items():
         assert st["cmd"] == f"python stages/train.py {model} ${{item.seed}}"
         assert st["matrix"] == {"seed": "${seeds}"}
-        assert st["params"] == list(TRAIN_READS[model]), model
+        assert st["params"] == ["runtime", *TRAIN_READS[model]], model
         assert st["outs"] == [f"models/{model}/s${{item.seed}}"]
     # lambda_sp is read by sparse_gan's training alone, lambda_adv by the two adversarial ones
     readers = {m for m, st in trains.items() if "train.lambda_sp" in st["params"]}
@@ -119,10 +131,36 @@ def test_each_train_stage_lists_exactly_the_params_its_model_reads():
     assert not any(p.startswith("score") for st in trains.values() for p in st["params"])
 
 
+def test_the_stages_written_from_the_spec_have_not_drifted(tmp_path):
+    """dvc.yaml's train_<model> and score stages are what ``python -m sparsegan.spec`` writes
+    from sparsegan/spec.py: editing either alone fails here."""
+    from sparsegan.spec import write_dvc_yaml
+
+    copy = tmp_path / "dvc.yaml"
+    copy.write_text((ROOT / "dvc.yaml").read_text())
+    assert not write_dvc_yaml(copy), "dvc.yaml drifted from sparsegan/spec.py: run " \
+                                     "`python -m sparsegan.spec`"
+
+
 def test_scoring_runs_per_model_and_seed_and_rows_per_row():
-    from sparsegan.params import MODELS
+    from sparsegan.spec import MODELS
 
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert spec["score"]["matrix"] == {"model": list(MODELS), "seed": "${seeds}"}
+    assert spec["score"]["params"] == ["runtime", "score"]
     for stage in ("calibrate", "evaluate"):
         assert spec[stage]["foreach"] == "${rows}"
+        assert "rows.${key}" in spec[stage]["do"]["params"]  # its own row: a new row runs alone
+        assert "rows" not in spec[stage]["do"]["params"]
+
+
+@pytest.mark.parametrize("stage", ["score", "calibrate", "evaluate", "report"])
+def test_what_runs_after_training_never_imports_the_trainer(stage):
+    """Scoring, calibration, evaluation, the report (and the serving and predict code they
+    import) load models through sparsegan/checkpoint.py: a change to the training loop or to
+    the distribution code re-trains, but never re-scores for nothing."""
+    files = {str(p.relative_to(ROOT)) for p in closure(ROOT / "stages" / f"{stage}.py")}
+    assert "sparsegan/train.py" not in files and "sparsegan/distributed.py" not in files
+    for module in ("predict", "serving", "screening"):
+        files = {str(p.relative_to(ROOT)) for p in closure(ROOT / PKG / f"{module}.py")}
+        assert "sparsegan/train.py" not in files and "sparsegan/distributed.py" not in files

@@ -1,25 +1,17 @@
-"""The study scripts' own arithmetic: the rank agreement between data sets (real_checks) and
-the multi-seed tables of scripts/study.py."""
+"""The studies' own arithmetic (sparsegan/studies): the rank agreement between data sets, the
+multi-seed tables, the score comparison."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
 
 @pytest.fixture(scope="module")
 def checks():
-    sys.path.insert(0, str(SCRIPTS))  # real_checks imports study
-    spec = importlib.util.spec_from_file_location("real_checks", SCRIPTS / "real_checks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from sparsegan.studies import agreement
+    return agreement
 
 
 def _records(label, aucs_by_seed):
@@ -76,11 +68,8 @@ def test_agreement_reads_a_pipeline_study_by_seed(checks, tmp_path):
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location("study", SCRIPTS / "study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from sparsegan.studies import table
+    return table
 
 
 def test_study_tables_come_from_the_pipelines_multi_seed_metrics(study, tmp_path):
@@ -135,9 +124,7 @@ def _scores_folder(folder, val_normal, val_sick, test_normal, patients, residual
 def test_score_comparison_measures_spread_shift_patient_share_and_residual_depth(tmp_path):
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location("compare_scores", SCRIPTS / "compare_scores.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from sparsegan.studies import score_gap as module
     # synthetic: normals of 4 patients whose scans score alike (patient share near 1), lesions
     # 2 sd above, test normals 1 sd above validation; residuals in the top quarter only
     offsets = np.repeat([-1.5, -0.5, 0.5, 1.5], 5)

@@ -56,6 +56,21 @@ def load_split(processed_dir: Path, name: str) -> tuple[np.ndarray, pd.DataFrame
     return images, index, masks
 
 
+def shard(order: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """This rank's part of ``order`` (an epoch's indices), as ``DistributedSampler`` with
+    ``drop_last=False``: pad to a multiple of ``world_size`` by repeating the start, then every
+    ``world_size``-th index from ``rank``. All ranks get the same number of indices."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+    if world_size == 1:
+        return order
+    n = len(order)
+    total = -(-n // world_size) * world_size
+    if total > n:
+        order = np.concatenate([order, np.resize(order, total - n)])
+    return order[rank:total:world_size]
+
+
 def iterate_batches(images: np.ndarray, batch_size: int, shuffle: bool = False,
                     generator: torch.Generator | None = None, drop_last: bool = False,
                     device: torch.device | str | None = None,
@@ -69,7 +84,7 @@ def iterate_batches(images: np.ndarray, batch_size: int, shuffle: bool = False,
     batch's row indices (e.g. to look up labels). ``device``: move uint8 there, then convert.
 
     Distributed training: ``rank`` of ``world_size`` reads its shard of the order
-    (:func:`sparsegan.distributed.shard`, as ``DistributedSampler``), in batches of
+    (:func:`shard`, as ``DistributedSampler``), in batches of
     ``batch_size`` (the per-rank batch); every rank must pass the same generator state.
 
     Speed: a batch is gathered from the memmap straight into one uint8 buffer (``np.take`` with
@@ -83,7 +98,6 @@ def iterate_batches(images: np.ndarray, batch_size: int, shuffle: bool = False,
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = torch.randperm(n, generator=generator).numpy() if shuffle else None
     if world_size > 1:
-        from ..distributed import shard
         order = shard(np.arange(n) if order is None else order, rank, world_size)
     m = n if order is None else len(order)
     stop = m - m % batch_size if drop_last else m

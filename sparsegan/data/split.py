@@ -132,12 +132,17 @@ def _require(df: pd.DataFrame, cls: str, needed: int, param: str, where: str,
 def validation_targets(pool: pd.DataFrame, p: SplitParams, where: str) -> dict[str, int]:
     """Validation images wanted per class: ``val_normal`` NORMAL, and per disease class
     ``val_per_disease`` (a number: every disease class that has images, absent ones left out
-    with a log line; a mapping: the classes it names). Too few images is a ParamError naming the
+    with a log line; a mapping: the classes it names; ``all``: every disease image). Too few images is a ParamError naming the
     class, its count and the param."""
     _require(pool, "NORMAL", p.val_normal, "val_normal", where, more_than=True)
     targets = {"NORMAL": p.val_normal}
     per_class = p.val_per_disease
     for cls in DISEASES:
+        if per_class == "all":
+            n = int((pool["class"] == cls).sum())
+            if n:
+                targets[cls] = n
+            continue
         if isinstance(per_class, dict):
             n = per_class.get(cls, 0)
             param = f"val_per_disease.{cls}"

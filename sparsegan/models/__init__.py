@@ -1,23 +1,23 @@
-"""The trained models of Table 1, built by name from the shared parts."""
+"""The trained models of Table 1, built by name: each model's module (its
+:class:`~sparsegan.spec.ModelSpec` ``module``) has ``build(name, params, image_size)``."""
 
 from __future__ import annotations
 
+import importlib
+
 from ..params import Params
+from ..spec import SPECS
 from .base import Detector
-from .sparse_gan import CONFIGS, ReconstructionDetector
 
 __all__ = ["Detector", "build_detector"]
 
 
 def build_detector(model: str, params: Params, image_size: int) -> Detector:
-    """A fresh, untrained detector for ``model`` (one of :data:`sparsegan.params.MODELS`)."""
-    if model in CONFIGS:
-        return ReconstructionDetector(CONFIGS[model], image_size, params.model, params.train,
-                                      params.srn)
-    if model == "anogan":
-        from .anogan import AnoGAN
-        return AnoGAN(image_size, params.model, params.anogan)
-    if model == "fanogan":
-        from .fanogan import FAnoGAN
-        return FAnoGAN(image_size, params.model, params.fanogan)
-    raise ValueError(f"unknown model {model!r}")
+    """A fresh, untrained detector for ``model`` (a name of :data:`sparsegan.spec.MODEL_SPECS`),
+    its ``name`` set so that scoring finds its scorer."""
+    if model not in SPECS:
+        raise ValueError(f"unknown model {model!r}: sparsegan/spec.py has {', '.join(SPECS)}")
+    module = importlib.import_module(f"{__name__}.{SPECS[model].module}")
+    detector = module.build(model, params, image_size)
+    detector.name = model
+    return detector

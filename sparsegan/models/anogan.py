@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..params import AnoganParams, ModelParams
+from ..params import AnoganParams, ModelParams, Params
 from .base import Detector
 from .gan_parts import Generator, frozen
 from .losses import discriminator_loss, generator_adversarial_loss
@@ -56,3 +56,8 @@ class AnoGAN(Detector):
         with frozen(self.discriminator, eval_mode=False):
             g_loss = generator_adversarial_loss(self.discriminator(fake)[0])
         return {"d": d, "g": self.update("generator", g_loss)}
+
+
+def build(name: str, params: Params, image_size: int) -> AnoGAN:
+    """The ``anogan`` entry of :data:`sparsegan.spec.MODEL_SPECS`."""
+    return AnoGAN(image_size, params.model, params.anogan)

@@ -12,11 +12,10 @@ training does not import.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
-
-from .. import distributed
 
 
 class Diverged(FloatingPointError):
@@ -29,26 +28,34 @@ class Diverged(FloatingPointError):
 
 
 class Detector(nn.Module):
-    """Base class of all trained models."""
+    """Base class of all trained models. ``name``: its :mod:`sparsegan.spec` entry (set by
+    :func:`sparsegan.models.build_detector`; scoring dispatches on it)."""
 
-    _dist: distributed.DistInfo = distributed.DistInfo()  # one process unless distribute() says
+    name: str = ""
 
-    def distribute(self, info: distributed.DistInfo) -> None:
-        """Train as one of ``info.world_size`` ranks: :meth:`update` averages the gradients over
-        the ranks (the trainer calls this under torchrun; a no-op with one process)."""
-        self._dist = info
+    # (parameters, loss) -> the loss averaged over the ranks, the gradients averaged in place;
+    # None: one process
+    _average: Callable[[list[nn.Parameter], torch.Tensor], float] | None = None
+
+    def average_gradients_with(self, average: Callable[[list[nn.Parameter], torch.Tensor], float]
+                               ) -> None:
+        """Train as one of several ranks: :meth:`update` calls ``average(parameters, loss)``
+        between backward and step (the trainer passes
+        :func:`sparsegan.distributed.average_gradients` under torchrun)."""
+        self._average = average
 
     def update(self, optimizer: str, loss: torch.Tensor) -> float:
         """One step of ``self.optimizers()[optimizer]`` on ``loss`` (a scalar): zero_grad,
         backward, the gradients (and the loss) averaged over the ranks when distributed
-        (:func:`sparsegan.distributed.average_gradients`), then the NaN guard, then the step.
-        Returns the loss (averaged over the ranks). A NaN or infinite loss on any rank raises
-        :class:`Diverged` on every rank before the step, so the weights stay the last good ones."""
+        (:meth:`average_gradients_with`), then the NaN guard, then the step. Returns the loss
+        (averaged over the ranks). A NaN or infinite loss on any rank raises :class:`Diverged`
+        on every rank before the step, so the weights stay the last good ones."""
         opt = self.optimizers()[optimizer]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for group in opt.param_groups for p in group["params"]]
-        value = distributed.average_gradients(params, loss.detach(), self._dist)
+        value = (float(loss.detach()) if self._average is None
+                 else self._average(params, loss.detach()))
         if not math.isfinite(value):
             raise Diverged(optimizer, value)
         opt.step()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..params import FanoganParams, ModelParams
+from ..params import FanoganParams, ModelParams, Params
 from .base import Detector
 from .gan_parts import Generator, frozen, gradient_penalty
 from .networks import Discriminator, Encoder, _init_weights, latent_shape
@@ -126,3 +126,8 @@ class FAnoGAN(Detector):
             return {"izif": self.update("encoder", loss),
                     "image_mse": float(image_mse.mean().detach()),
                     "feature_mse": float(feature_mse.mean().detach())}
+
+
+def build(name: str, params: Params, image_size: int) -> FAnoGAN:
+    """The ``fanogan`` entry of :data:`sparsegan.spec.MODEL_SPECS`."""
+    return FAnoGAN(image_size, params.model, params.fanogan)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..params import ModelParams, SrnParams, TrainParams
+from ..params import ModelParams, Params, SrnParams, TrainParams
 from .base import Detector
 from .gan_parts import frozen
 from .losses import (discriminator_loss, generator_adversarial_loss, reconstruction_loss,
@@ -132,3 +132,9 @@ class ReconstructionDetector(Detector):
         losses.update({k: float(v.detach()) for k, v in parts.items()})
         losses["g"] = self.update("generator", total)
         return losses
+
+
+def build(name: str, params: Params, image_size: int) -> ReconstructionDetector:
+    """The reconstruction models of :data:`sparsegan.spec.MODEL_SPECS` (``autoencoder``,
+    ``pix2pix``, ``sparse_gan``): one detector, configured by :data:`CONFIGS`."""
+    return ReconstructionDetector(CONFIGS[name], image_size, params.model, params.train, params.srn)

@@ -21,7 +21,8 @@ PYTHON = sys.executable
 TINY: dict = {
     "data": {"image_size": 32},
     "model": {"base_channels": 4},
-    "train": {"epochs": 4, "batch_size": 8, "num_threads": 1, "device": "cpu"},
+    "train": {"epochs": 4, "batch_size": 8},
+    "runtime": {"num_threads": 1, "device": "cpu"},
     "fanogan": {"latent_dim": 8, "epochs": 3, "encoder_epochs": 2, "n_critic": 5},
     "anogan": {"latent_dim": 8, "epochs": 2},
     "score": {"anogan": {"search_steps": 2}},

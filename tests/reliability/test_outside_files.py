@@ -22,7 +22,8 @@ from reliability_helpers import error_line, make_processed, run_stage, write_par
 from sparsegan.data.download import (ChecksumError, DownloadError, UnsafeArchiveError, download,
                                      safe_extract)
 from sparsegan.params import load_params
-from sparsegan.train import CheckpointError, load_trained, train_model
+from sparsegan.checkpoint import CheckpointError, load_trained
+from sparsegan.train import train_model
 
 
 class Payload:

@@ -22,7 +22,8 @@ from reliability_helpers import (PYTHON, REPO, STAGES, make_processed, run_stage
 from sparsegan.data.dataset import load_split
 from sparsegan.scoring import score_images
 from sparsegan.params import load_params
-from sparsegan.train import load_trained, train_model
+from sparsegan.checkpoint import load_trained
+from sparsegan.train import train_model
 
 # Runs stages/train.py exactly as DVC does, with each batch slowed down (which changes no number)
 # and announced on stdout as "STEP <epoch> <step>", so that the test can kill it mid-epoch.

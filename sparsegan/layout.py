@@ -1,0 +1,32 @@
+"""Where the pipeline's files live, relative to a root (the repository, or a copy of its
+outputs): the one place that spells ``models/<model>/s<seed>`` and the like. Torch-free."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PROCESSED = Path("data/processed")  # preprocess: <split>.npy / .csv (+ masks)
+MODELS = Path("models")  # train: <model>/s<seed>/{model.pt,history.json,mlflow_run.json}
+CHECKPOINTS = Path("checkpoints")  # train, while it runs: <model>/s<seed>/checkpoint.pt
+SCORES = Path("scores")  # score: <model>/s<seed>/{settings.json,<score>/{val,test}.csv,...}
+ROWS = Path("reports/rows")  # calibrate, evaluate: <row>/{calibration/s<seed>.json,metrics.json}
+REPORTS = Path("reports")
+SETTINGS = "settings.json"  # in a scores/<model>/s<seed>: the score knobs the scores were made with
+
+
+def seed_dir(model: str, seed: int) -> Path:
+    """``<model>/s<seed>``, under :data:`MODELS`, :data:`CHECKPOINTS` or :data:`SCORES`."""
+    return Path(model) / f"s{seed}"
+
+
+def model_dir(model: str, seed: int, root: Path = MODELS) -> Path:
+    return Path(root) / seed_dir(model, seed)
+
+
+def scores_dir(model: str, seed: int, root: Path = SCORES) -> Path:
+    """The score stage's output of one trained model; one folder per score name inside."""
+    return Path(root) / seed_dir(model, seed)
+
+
+def calibration_file(row: str, seed: int, root: Path = ROWS) -> Path:
+    return Path(root) / row / "calibration" / f"s{seed}.json"
