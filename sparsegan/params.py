@@ -208,6 +208,10 @@ class RuntimeParams:
     score_batch: int = _check(ge=1, default=32)  # scans per batch when scoring (eval mode)
 
 
+# The sections of the models of sparsegan/spec.py (each spec's ``params_class``): a new model's
+# dataclass goes here, beside the others.
+
+
 @dataclass(frozen=True)
 class AnoganParams:
     """AnoGAN's training (Schlegl et al. 2017): a DCGAN on normal scans; its search is in

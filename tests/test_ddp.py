@@ -9,7 +9,7 @@ the gradients averaged over the ranks in every optimizer step (the detectors' up
 hold up to float rounding.
 
 For every kind of detector (Sparse-GAN; AnoGAN and f-AnoGAN, whose per-rank z differ from a
-single process's), 2 gloo ranks check that a detector told to distribute (``distribute``) trains
+single process's), 2 gloo ranks check that a detector given the ranks' gradient averaging (``average_gradients_with``) trains
 like a plain one whose gradients are averaged over the ranks by hand before each optimizer step:
 several forwards per backward, frozen networks, the SRN's dictionary used outside ``forward`` and
 f-AnoGAN's gradient penalty (double backward) included.
@@ -201,7 +201,8 @@ def _model_worker(rank: int, port: int, out: str) -> None:
     for model, phases in DDP_MODELS.items():
         torch.manual_seed(5)
         distributed_ = distributed.prepare_model(build_detector(model, params, 32), device, info)
-        distributed_.distribute(info)
+        distributed_.average_gradients_with(  # what the trainer gives it under torchrun
+            lambda params, loss: distributed.average_gradients(params, loss, info))
         torch.manual_seed(5)
         reference = distributed.prepare_model(build_detector(model, params, 32), device, info)
         initial = {k: v.clone() for k, v in reference.state_dict().items()}
@@ -255,7 +256,8 @@ def _diverge_worker(rank: int, port: int, out: str) -> None:
     params = parse_params({"model": {"base_channels": 4, "norm": "none"}})
     torch.manual_seed(0)
     detector = build_detector("autoencoder", params, 32)
-    detector.distribute(info)
+    detector.average_gradients_with(lambda params, loss: distributed.average_gradients(
+        params, loss, info))
     before = {k: v.clone() for k, v in detector.state_dict().items()}
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     if rank == 1:

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 SEEDS = [0, 1]  # two training seeds: the report's mean and spread, one train stage per seed
 ROWS = ["autoencoder", "anogan", "fanogan", "pix2pix_image", "pix2pix_latent", "sparse_gan",
         "autoencoder_latent", "sparse_gan_image"]
-MODELS = ["autoencoder", "pix2pix", "sparse_gan", "anogan", "fanogan"]
+MODELS = ["autoencoder", "pix2pix", "sparse_gan", "anogan", "fanogan"]  # sparsegan/spec.py's
 
 TINY = {
     "seeds": SEEDS,
@@ -50,15 +50,18 @@ def _run(cmd: list[str], cwd: Path) -> str:
     return proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("repo")
+def _copy_repo(work: Path, params: dict) -> None:
     for name in ("sparsegan", "stages"):
         shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, work / name)
-    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("repo")
+    _copy_repo(work, _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY))
     _run(["git", "init", "-q"], work)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
           "-m", "init"], work)
@@ -207,3 +210,100 @@ def test_changing_lambda_sp_reruns_only_sparse_gan(pipeline: Path):
     assert ran == {"train_sparse_gan@0", "train_sparse_gan@1", "score@sparse_gan-0",
                    "score@sparse_gan-1", "calibrate@sparse_gan", "calibrate@sparse_gan_image",
                    "evaluate@sparse_gan", "evaluate@sparse_gan_image", "report"}
+
+
+# A model added as docs/design.md says: its module, its spec entry, its params section
+# (dataclass and params.yaml), its rows; then `python -m sparsegan.spec` writes its stages.
+TOY_MODULE = """\"\"\"A toy model: one strided conv and its transpose, trained on the MSE.\"\"\"
+
+import torch
+from torch import nn
+
+from .base import Detector
+
+
+class Toy(Detector):
+    name = "toy"
+
+    def __init__(self, image_size, p):
+        super().__init__()
+        self.p = p
+        self.encoder = nn.Sequential(nn.Conv2d(1, p.channels, 4, 2, 1), nn.Tanh())
+        self.decoder = nn.Sequential(nn.ConvTranspose2d(p.channels, 1, 4, 2, 1), nn.Tanh())
+
+    def make_optimizers(self):
+        return {"g": torch.optim.Adam(self.parameters(), lr=self.p.lr)}
+
+    def phases(self):
+        return ["fit"] * self.p.epochs
+
+    def train_step(self, x, phase):
+        return {"g": self.update("g", ((self.decoder(self.encoder(x)) - x) ** 2).mean())}
+
+
+def build(name, params, image_size):
+    return Toy(image_size, params.toy)
+"""
+TOY_PARAMS = """@dataclass(frozen=True)
+class ToyParams:
+    channels: int = _check(ge=1, default=4)
+    epochs: int = _check(ge=1, default=2)
+    lr: float = _check(gt=0.0, default=0.01)
+
+
+"""
+TOY_SPEC = """    ModelSpec("toy", "toy", "toy", "sparsegan.params:ToyParams", ("train.batch_size", "toy"),
+              "reconstruction", ("image", "latent"), {"toy": "image", "toy_latent": "latent"}),
+)
+"""
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    """A copy of the repository with the toy model added through the spec, reproduced."""
+    work = tmp_path_factory.mktemp("toy")
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()),
+                    {**TINY, "seeds": [0], "toy": {"channels": 3, "epochs": 2}})
+    params["rows"] = {"autoencoder": ["autoencoder", "image"], "toy": ["toy", "image"],
+                      "toy_latent": ["toy", "latent"]}
+    _copy_repo(work, params)
+    (work / "sparsegan/models/toy.py").write_text(TOY_MODULE)
+    marker = "# dataclass goes here, beside the others.\n\n\n"
+    text = (work / "sparsegan/params.py").read_text()
+    (work / "sparsegan/params.py").write_text(text.replace(marker, marker + TOY_PARAMS))
+    text = (work / "sparsegan/spec.py").read_text()
+    (work / "sparsegan/spec.py").write_text(text.replace("\n)\n\n# Table 1", "\n" + TOY_SPEC
+                                                         + "\n# Table 1", 1))
+    _run([sys.executable, "-m", "sparsegan.spec"], work)
+    _run(["git", "init", "-q"], work)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
+          "-m", "init"], work)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], work)
+    _run([sys.executable, "-m", "dvc", "repro"], work)
+    return work
+
+
+def test_a_model_added_through_the_spec_is_trained_scored_calibrated_evaluated_reported(toy):
+    spec = yaml.safe_load((toy / "dvc.yaml").read_text())["stages"]
+    assert spec["train_toy"]["params"] == ["runtime", "train.batch_size", "toy"]
+    assert "toy" in spec["score"]["matrix"]["model"]
+    history = json.loads((toy / "models/toy/s0/history.json").read_text())
+    assert [h["phase"] for h in history] == ["fit", "fit"]  # params.yaml's toy.epochs
+    metrics = json.loads((toy / "reports/metrics.json").read_text())
+    assert list(metrics) == ["autoencoder", "toy", "toy_latent"]
+    for row in ("toy", "toy_latent"):
+        assert 0.0 <= metrics[row]["test_auc"] <= 1.0 and 0.0 <= metrics[row]["val_auc"] <= 1.0
+        assert metrics[row]["test_auc"] != metrics["autoencoder"]["test_auc"]
+    assert "toy (ablation)" in (toy / "reports/table1.md").read_text()
+
+
+def test_a_model_without_its_params_section_stops_with_one_line_naming_it(toy, tmp_path):
+    params = yaml.safe_load((toy / "params.yaml").read_text())
+    del params["toy"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(toy)}
+    proc = subprocess.run([sys.executable, str(toy / "stages/train.py"), "toy", "0"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no toy: section" in lines[0] and "model toy" in lines[0], lines

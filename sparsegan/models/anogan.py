@@ -26,6 +26,8 @@ from .networks import Discriminator
 class AnoGAN(Detector):
     """DCGAN + per-image latent search. Phases: ``["gan"] * epochs``."""
 
+    name = "anogan"
+
     def __init__(self, image_size: int, model: ModelParams, p: AnoganParams):
         super().__init__()
         self.p, self.image_size = p, image_size

@@ -28,8 +28,8 @@ class Diverged(FloatingPointError):
 
 
 class Detector(nn.Module):
-    """Base class of all trained models. ``name``: its :mod:`sparsegan.spec` entry (set by
-    :func:`sparsegan.models.build_detector`; scoring dispatches on it)."""
+    """Base class of all trained models. ``name``: its :mod:`sparsegan.spec` entry (scoring
+    dispatches on it; :func:`sparsegan.models.build_detector` checks it)."""
 
     name: str = ""
 

@@ -59,6 +59,8 @@ class FAnoGAN(Detector):
     the G-every-``n_critic`` schedule continues across a resumed run.
     """
 
+    name = "fanogan"
+
     def __init__(self, image_size: int, model: ModelParams, p: FanoganParams):
         super().__init__()
         self.p, self.image_size = p, image_size

@@ -31,15 +31,15 @@ from .networks import Decoder, Discriminator, Encoder, SparsityRegularizationNet
 
 @dataclass(frozen=True)
 class ReconstructionConfig:
+    name: str  # the model's sparsegan/spec.py name
     adversarial: bool
     sparsity: bool
 
 
-CONFIGS = {
-    "autoencoder": ReconstructionConfig(adversarial=False, sparsity=False),
-    "pix2pix": ReconstructionConfig(adversarial=True, sparsity=False),
-    "sparse_gan": ReconstructionConfig(adversarial=True, sparsity=True),
-}
+CONFIGS = {c.name: c for c in (
+    ReconstructionConfig("autoencoder", adversarial=False, sparsity=False),
+    ReconstructionConfig("pix2pix", adversarial=True, sparsity=False),
+    ReconstructionConfig("sparse_gan", adversarial=True, sparsity=True))}
 
 
 def lr_schedule(epochs: int, decay: float) -> Callable[[int], float]:
@@ -66,6 +66,7 @@ class ReconstructionDetector(Detector):
                  train: TrainParams, srn: SrnParams = SrnParams()):
         super().__init__()
         self.config, self.train_params, self.image_size = config, train, image_size
+        self.name = config.name
         norm = model.norm  # batch | none (no batch norm in G and D)
         self.encoder = Encoder(image_size, model.base_channels, norm=norm)  # G_en, and E
         self.decoder = Decoder(image_size, model.base_channels, norm=norm)  # G_de

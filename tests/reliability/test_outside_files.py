@@ -56,7 +56,7 @@ def test_pickle_payload_in_model_and_checkpoint_never_runs(tmp_path, guard, ledg
     pwned = tmp_path / "PWNED"
     model = repo / "models/sparse_gan/s0/model.pt"
     checkpoint = repo / "checkpoints/sparse_gan/s0/checkpoint.pt"
-    _evil_checkpoint(model, pwned, format=3, name="sparse_gan", seed=0, image_size=32,
+    _evil_checkpoint(model, pwned, format=4, name="sparse_gan", seed=0, image_size=32,
                      config="x")
     _evil_checkpoint(checkpoint, pwned, config="x", epoch=1, history=[], mlflow_run_id=None,
                      optimizers={}, rng={})
@@ -102,8 +102,8 @@ def test_corrupt_or_foreign_model_files_give_a_clear_error(tmp_path, ledger, con
     elif content == "v2":  # one file per variant, with its params
         torch.save({"format": 2, "variant": "autoencoder", "image_size": 32, "params": {},
                     "model": {}}, model)
-    elif content in ("other_model", "bad_weights"):  # format 3, of another model / no weights
-        torch.save({"format": 3, "name": "pix2pix" if content == "other_model" else "autoencoder",
+    elif content in ("other_model", "bad_weights"):  # format 4, of another model / no weights
+        torch.save({"format": 4, "name": "pix2pix" if content == "other_model" else "autoencoder",
                     "seed": 0, "image_size": 32, "config": "x", "params": {}, "data": {},
                     "model": {}}, model)
     else:
