@@ -1,18 +1,21 @@
-"""Screenshot of the MLflow UI comparing the latest pipeline run's trained models (for the README).
+"""Screenshot of the MLflow UI comparing pipeline runs side by side (for the README).
 
-    python scripts/mlflow_screenshot.py [--db mlflow.db] [--out docs/mlflow_runs.png]
+    python scripts/mlflow_screenshot.py [--db mlflow.db] [--out docs/mlflow_runs.png] [--runs 2]
 
-Starts ``mlflow ui`` on a free port of 127.0.0.1 over the store, opens the "compare runs" page of
-the most recent child run of every trained model in headless Chromium (the ``chromium`` command,
-``.ci/install_chromium.sh``), saves the PNG and stops the server.
+Starts ``mlflow ui`` on a free port of 127.0.0.1 over the store and opens, in headless Chromium
+(the ``chromium`` command, ``.ci/install_chromium.sh``), the "compare runs" page of the newest
+``--runs`` *parent* runs that the report stage completed: one per DVC experiment or pipeline run,
+each holding every param and every row's seed-mean AUCs (``<row>.val_auc``, ``<row>.test_auc``),
+so two experiments that differ in one param (``dvc exp run -S train.lambda_sp=25``) show that
+param and each row's numbers side by side. Saves the PNG and stops the server.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
-import json
 import shutil
 import socket
 import subprocess
@@ -24,7 +27,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from sparsegan.params import MODELS
 from sparsegan.tracking import EXPERIMENT
 
 
@@ -34,8 +36,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def latest_runs(uri: str) -> tuple[str, list[str]]:
-    """(experiment id, run ids of the newest evaluated child run of each trained model)."""
+def latest_parents(uri: str, n: int) -> tuple[str, list[str]]:
+    """(experiment id, run ids of the newest ``n`` parent runs with the report's metrics)."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -44,15 +46,12 @@ def latest_runs(uri: str) -> tuple[str, list[str]]:
         raise SystemExit(f"{uri}: no experiment {EXPERIMENT!r}; run the pipeline first")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
                               max_results=500)
-    chosen: dict[str, str] = {}
-    for r in runs:
-        m = r.data.tags.get("model")
-        evaluated = any(k.endswith(".test_auc") for k in r.data.metrics)
-        if m in MODELS and m not in chosen and evaluated:
-            chosen[m] = r.info.run_id
-    if not chosen:
-        raise SystemExit(f"{uri}: no evaluated runs yet; run the pipeline first")
-    return exp.experiment_id, [chosen[m] for m in MODELS if m in chosen]
+    parents = [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags
+               and any(k.endswith(".val_auc") for k in r.data.metrics)][:n]
+    if len(parents) < n:
+        raise SystemExit(f"{uri}: {len(parents)} pipeline run(s) with a report, {n} wanted; run "
+                         f"`dvc repro` and `dvc exp run -S train.lambda_sp=25` first")
+    return exp.experiment_id, parents[::-1]
 
 
 def main() -> None:
@@ -60,12 +59,13 @@ def main() -> None:
     ap.add_argument("--db", type=Path, default=ROOT / "mlflow.db")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "mlflow_runs.png")
     ap.add_argument("--size", default="1600,1000", help="window width,height")
+    ap.add_argument("--runs", type=int, default=2, help="how many pipeline runs to compare")
     a = ap.parse_args()
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise SystemExit("no chromium command; run bash .ci/install_chromium.sh")
     uri = f"sqlite:///{a.db.resolve()}"
-    exp_id, run_ids = latest_runs(uri)
+    exp_id, run_ids = latest_parents(uri, a.runs)
     port = _free_port()
     server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "ui",
                                "--backend-store-uri", uri, "--host", "127.0.0.1", "--port",

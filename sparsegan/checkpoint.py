@@ -2,10 +2,9 @@
 
 ``models/<model>/s<seed>/model.pt`` holds the weights with everything needed to rebuild the
 detector without any params.yaml (:func:`model_file`): the model's name, seed and image size, the
-params of every section a training reads (:data:`sparsegan.spec.TRAINED_SECTIONS`) and the
-preprocessing its scans must get, and what it was trained on. Every file from outside the
-process (model files, training checkpoints) is read with ``torch.load(weights_only=True)``
-(:func:`load_trusted`). Scoring, calibration, evaluation, the report, serving and ``sparsegan
+params its training reads and the preprocessing its scans must get (:func:`stored_params`), and
+what it was trained on. Every file from outside the process (model files, training checkpoints)
+is read with ``torch.load(weights_only=True)`` (:func:`load_trusted`). Scoring, calibration, evaluation, the report, serving and ``sparsegan
 predict`` load models through here and never import the trainer or the distribution code.
 """
 
@@ -24,7 +23,7 @@ import torch
 from .cli import StageError
 from .models import Detector, build_detector
 from .params import ParamError, Params, check_model, parse_params
-from .spec import TRAINED_SECTIONS
+from .spec import TRAIN_READS
 
 class CheckpointError(StageError):
     """A checkpoint or model file cannot be used (unsafe pickle, corrupt, or not ours)."""
@@ -97,12 +96,28 @@ class Trained(NamedTuple):
 def model_file(model: str, seed: int, params: Params, image_size: int, config: str,
                weights: dict, data: dict) -> dict:
     """The content of ``model.pt``: enough to rebuild the detector without any params.yaml
-    (model, seed, image size, the training params of :data:`TRAINED_SECTIONS`, the
-    preprocessing the scans must get) and what it was trained on (``data``: source, folder,
-    n_train, fingerprint); plain data and tensors only so that it loads with ``weights_only``."""
-    stored = {k: v for k, v in dataclasses.asdict(params).items() if k in TRAINED_SECTIONS}
+    (model, seed, image size, :func:`stored_params`) and what it was trained on (``data``:
+    source, folder, n_train, fingerprint); plain data and tensors only so that it loads with
+    ``weights_only``."""
     return {"format": MODEL_FORMAT, "name": model, "seed": seed, "image_size": image_size,
-            "config": config, "params": stored, "data": dict(data), "model": weights}
+            "config": config, "params": stored_params(model, params), "data": dict(data),
+            "model": weights}
+
+
+def stored_params(model: str, params: Params) -> dict:
+    """What a model file keeps of ``params``: exactly the params its training reads
+    (:data:`sparsegan.spec.TRAIN_READS`, sections or ``section.key``), and the preprocessing its
+    scans must get. Nothing else, so that a param it never read (``train.lambda_sp`` for the
+    Auto-Encoder) cannot change its bytes; the rest takes the defaults when it is rebuilt."""
+    full = dataclasses.asdict(params)
+    out: dict = {"preprocess": full["preprocess"]}
+    for read in TRAIN_READS[model]:
+        section, _, key = read.partition(".")
+        if key:
+            out.setdefault(section, {})[key] = full[section][key]
+        else:
+            out[section] = full[section]
+    return out
 
 
 def load_trained(model_dir: Path, device: torch.device | None = None, *,

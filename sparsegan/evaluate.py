@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from .layout import SETTINGS, calibration_file, model_dir, scores_dir
+from .layout import SETTINGS, calibration_file, model_dir, run_file, scores_dir
 from .metrics import MAP_NAMES, aggregate_patients, detection_metrics, pixel_auroc, roc_table
 from .params import Params, check_row
 from .spec import TABLE1_ROWS
@@ -56,7 +56,7 @@ def seed_metrics(scores_dir: Path, calibration: dict, test_masks: np.ndarray | N
     percentile interval ``test_<m>_ci_low`` / ``test_<m>_ci_high`` (``n_boot`` resamples of the
     test *patients*, see :mod:`sparsegan.stats`), ``test_bootstrap_resamples``,
     ``test_bootstrap_skipped`` (single-class resamples), ``test_patients``, ``test_auc_<CLASS>``
-    (each disease vs NORMAL), ``test_images_per_s`` and, with lesion masks, ``pixel_auroc_<map>``
+    (each disease vs NORMAL) and, with lesion masks, ``pixel_auroc_<map>``
     on the diseased test scans; with a patient rule in the calibration (the aggregation
     chosen on validation patients, decided at phi) ``patient_aggregation`` (a string), ``val_patient_auc``,
     ``test_patient_count`` and ``test_patient_<m>`` for the six metrics.
@@ -91,7 +91,6 @@ def seed_metrics(scores_dir: Path, calibration: dict, test_masks: np.ndarray | N
     for cls in sorted(set(test["class"]) - {"NORMAL"}):
         subset = test["class"].isin(["NORMAL", cls]).to_numpy()
         metrics[f"test_auc_{cls}"] = float(roc_auc_score(labels[subset], scores[subset]))
-    metrics["test_images_per_s"] = json.loads((scores_dir / "timing.json").read_text())["test_images_per_s"]
     if test_masks is not None:
         maps = np.load(scores_dir / "test_maps.npz")
         diseased = labels == 1
@@ -122,7 +121,9 @@ def _log_to_mlflow(row: str, model: str, seed: int, model_dir: Path, metrics: di
     """One seed's test metrics of ``row`` (keys ``<row>.<metric>``), its calibration and the
     registered screening model (:func:`sparsegan.serving.log_screening_model` of the
     calibration with the score stage's settings, its input example a test scan) into the child
-    run of (model, seed) (or a new one when that run lives in another store)."""
+    run of (model, seed) that trained it (named by the train stage's run record, beside
+    ``model_dir`` under ``reports/runs``), or a new one when there is none or it lives in
+    another store (a training restored from DVC's cache)."""
     import tempfile
 
     import mlflow
@@ -132,8 +133,8 @@ def _log_to_mlflow(row: str, model: str, seed: int, model_dir: Path, metrics: di
     from .serving import log_screening_model
     from .tracking import start_run
 
-    run_file = model_dir / "mlflow_run.json"
-    run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
+    record = run_file("train", model, seed)
+    run_id = json.loads(record.read_text()).get("mlflow_run_id") if record.exists() else None
     with start_run(model, seed, run_id):
         mlflow.log_metrics({f"{row}.{k}": float(v) for k, v in metrics.items()
                             if isinstance(v, (int, float)) and math.isfinite(v)})

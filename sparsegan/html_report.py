@@ -109,13 +109,12 @@ def _details(metrics: Mapping[str, Mapping]) -> list[str]:
     cols += [(k, "pixel AUROC " + k.removeprefix("pixel_auroc_")) for k in pixel]
     head = "".join(f"<th>{html.escape(label)}</th>" for _, label in cols)
     out = ['<table id="details">', f'<thead><tr><th class="name">row</th>{head}'
-           "<th>phi</th><th>criterion</th><th>test images/s</th></tr></thead>", "<tbody>"]
+           "<th>phi</th><th>criterion</th></tr></thead>", "<tbody>"]
     for row, m in metrics.items():
         cells = "".join(f"<td>{_cell(m, k)}</td>" for k, _ in cols)
         out.append(f'<tr data-row="{html.escape(row)}"><td class="name">'
                    f"{html.escape(row)}</td>{cells}<td>{_fmt(m.get('phi'), 4)}</td>"
-                   f"<td>{html.escape(str(m.get('criterion', '')))}</td>"
-                   f"<td>{_fmt(m.get('test_images_per_s'), 1)}</td></tr>")
+                   f"<td>{html.escape(str(m.get('criterion', '')))}</td></tr>")
     out += ["</tbody></table>",
             '<p class="note">Per-class AUC: that disease vs NORMAL on the test set. Pixel AUROC: '
             "each anomaly map as a lesion-pixel classifier on the diseased test scans (needs "

@@ -6,11 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 PROCESSED = Path("data/processed")  # preprocess: <split>.npy / .csv (+ masks)
-MODELS = Path("models")  # train: <model>/s<seed>/{model.pt,history.json,mlflow_run.json}
+MODELS = Path("models")  # train: <model>/s<seed>/{model.pt,history.json}
 CHECKPOINTS = Path("checkpoints")  # train, while it runs: <model>/s<seed>/checkpoint.pt
 SCORES = Path("scores")  # score: <model>/s<seed>/{settings.json,<score>/{val,test}.csv,...}
 ROWS = Path("reports/rows")  # calibrate, evaluate: <row>/{calibration/s<seed>.json,metrics.json}
 REPORTS = Path("reports")
+# What one run of a stage was, not what it made: its timings and MLflow run (metrics files
+# that no stage depends on; inside an output, a clock or run id would change its hash on every
+# run and re-run everything after it): preprocess.json, train/<model>-s<seed>.json,
+# score/<model>-s<seed>.json
+RUNS = Path("reports/runs")
 SETTINGS = "settings.json"  # in a scores/<model>/s<seed>: the score knobs the scores were made with
 
 
@@ -26,6 +31,11 @@ def model_dir(model: str, seed: int, root: Path = MODELS) -> Path:
 def scores_dir(model: str, seed: int, root: Path = SCORES) -> Path:
     """The score stage's output of one trained model; one folder per score name inside."""
     return Path(root) / seed_dir(model, seed)
+
+
+def run_file(stage: str, model: str, seed: int, root: Path = RUNS) -> Path:
+    """The run record of one (model, seed) of the train or score stage."""
+    return Path(root) / stage / f"{model}-s{seed}.json"
 
 
 def calibration_file(row: str, seed: int, root: Path = ROWS) -> Path:

@@ -48,7 +48,7 @@ class SyntheticParams:
     train_normal: int = _check(ge=1, default=1400)
     train_per_disease: int = _check(ge=1, default=150)
     test_per_class: int = _check(ge=1, default=250)
-    scans_per_patient: int = _check(ge=1, default=6)
+    scans_per_patient: int = _check(ge=1, default=2)
     workers: int = _check(ge=0, default=0)  # 0: all cores
     # difficulty: each lesion's severity (size and contrast) is drawn uniformly in this range
     severity_min: float = _check(ge=0.0, le=1.0, default=0.05)

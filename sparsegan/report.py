@@ -21,6 +21,11 @@ from .params import Params
 from .tracking import _git, flatten
 
 
+# Each row's seed-mean metrics logged to the pipeline's parent run (``<row>.<metric>``).
+ROW_METRICS = ("val_auc", "test_auc", "test_accuracy", "test_sensitivity", "test_specificity",
+               "test_patient_auc")
+
+
 def row_files(params: Params, row: str, seed: int, scores_root: Path, models_root: Path,
               rows_dir: Path) -> RowFiles:
     """Where the files of ``row``'s model of ``seed`` are (the layout of dvc.yaml)."""
@@ -53,12 +58,17 @@ def build_report(params: Params, processed_dir: Path, scores_root: Path, models_
         from .serving import set_champion
         from .tracking import start_pipeline_run
         with start_pipeline_run():
-            mlflow.log_params({k: v for k, v in flatten(params).items()
-                               if k.split(".")[0] in ("seeds", "data", "calibrate", "score")})
+            # every param and every row's AUCs on the parent: two experiments compared side
+            # by side in the UI show the param that differs and each row's numbers
+            mlflow.log_params(flatten(params))
             mlflow.log_metrics({f"{r}.{k}": float(x) for r, m in results.items()
                                 for k, x in m.items()
-                                if (k.startswith("vs_sparse_gan_") or k in ("val_auc", "test_auc"))
+                                if (k.startswith("vs_sparse_gan_") or k in ROW_METRICS)
                                 and isinstance(x, (int, float))})
+            mlflow.log_metrics({f"{r}.{k}_sd": float(m["spread"][k]["sd"])
+                                for r, m in results.items() for k in ("val_auc", "test_auc")
+                                if k in m.get("spread", {}) and m["spread"][k]["sd"] == m[
+                                    "spread"][k]["sd"]})
             for path in (index, reports_root / "table1.md", reports_root / "metrics.json"):
                 mlflow.log_artifact(str(path))
             champion = set_champion({r: {int(s): m["val_auc"] for s, m in res["seeds"].items()}

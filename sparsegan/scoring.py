@@ -126,14 +126,16 @@ def score_images(detector: Detector, images: np.ndarray, batch_size: int, device
 
 
 def score_model(model: str, seed: int, knobs: ScoreParams, batch_size: int, device_name: str,
-                processed_dir: Path, model_dir: Path, out_dir: Path) -> None:
+                processed_dir: Path, model_dir: Path, out_dir: Path,
+                run_file: Path | None = None) -> None:
     """``out_dir/settings.json``: the model, seed and score knobs (what a screening model built
     from these scores must score with). For each score ``s`` of ``model``:
     ``out_dir/<s>/{val,test}.csv`` (index + score),
-    ``test_maps.npz``, ``timing.json`` and, when the validation scans have lesion masks,
+    ``test_maps.npz`` and, when the validation scans have lesion masks,
     ``val_localisation.json``: the pixel AUROC of each anomaly map on the diseased validation
-    scans (calibration picks the map shown from it). ``seed`` seeds torch's RNG, so that a
-    score that drew random numbers would be reproducible per trained model."""
+    scans (calibration picks the map shown from it). The images/s of each split go to
+    ``run_file`` (the run, not its output). ``seed`` seeds torch's RNG, so that a score that
+    drew random numbers would be reproducible per trained model."""
     device = resolve_device(device_name)
     torch.manual_seed(seed)
     detector = load_trained(model_dir, device, model=model).detector
@@ -157,7 +159,7 @@ def score_model(model: str, seed: int, knobs: ScoreParams, batch_size: int, devi
             scores, maps = by_score[name]
             index.assign(score=scores).to_csv(folder / f"{split}.csv", index=False)
             if split == "test":
-                np.savez_compressed(folder / "test_maps.npz", **maps)
+                save_npz(folder / "test_maps.npz", maps)
             elif maps:
                 masks = np.load(processed_dir / "val_masks.npy", mmap_mode="r")
                 sick = ((index["label"].to_numpy() == 1)
@@ -165,4 +167,22 @@ def score_model(model: str, seed: int, knobs: ScoreParams, batch_size: int, devi
                 result = {m: pixel_auroc(maps[m][sick].astype(np.float32), masks[sick])
                           for m in MAP_NAMES if m in maps and sick.any()}
                 (folder / "val_localisation.json").write_text(json.dumps(result, indent=1))
-        (folder / "timing.json").write_text(json.dumps(timing, indent=1))
+    if run_file is not None:
+        run_file.parent.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(timing, indent=1))
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """``np.savez_compressed``, but the same arrays give the same bytes: numpy stamps each
+    member with the current time, which would change the score stage's output hash on every
+    run (and re-run everything after it)."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, array in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asanyarray(array), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, buf.getvalue())

@@ -6,10 +6,10 @@ hyper-parameters (a dataclass of :mod:`sparsegan.params`, given by its dotted na
 file stays free of torch and of params), the params its training reads, the scorer of
 :mod:`sparsegan.scoring` that computes its scores, and the rows of the report it feeds by
 default. From :data:`MODEL_SPECS` come ``MODELS``, ``MODEL_SCORES``, ``DEFAULT_ROWS``,
-``TRAIN_READS`` (the params each ``train_<model>`` stage of ``dvc.yaml`` lists; those stages
-and the ``score`` matrix are written by ``python -m sparsegan.spec`` and a test fails when they
-drift), the
-sections a model file stores, the detector builder and the scoring dispatch.
+``TRAIN_READS`` (the params each ``train_<model>`` stage of ``dvc.yaml`` lists, and all that a
+model file stores of its params; those stages and the ``score`` matrix are written by
+``python -m sparsegan.spec`` and a test fails when they drift), the detector builder and the
+scoring dispatch.
 
 Adding a model: its module in ``sparsegan/models/``, its entry here, its section (dataclass) in
 ``sparsegan/params.py`` and ``params.yaml``, its rows in ``params.yaml``, then
@@ -104,10 +104,6 @@ TRAIN_READS = {s.name: s.reads for s in MODEL_SPECS}
 _ALL_ROWS = {row: (s.name, score) for s in MODEL_SPECS for row, score in s.rows.items()}
 DEFAULT_ROWS = {row: _ALL_ROWS[row] for row in TABLE1_ROWS} | {
     row: v for row, v in _ALL_ROWS.items() if row not in TABLE1_ROWS}
-# What a model file stores of the params it was trained with: every section a training reads,
-# and the preprocessing its scans must get (sparsegan.checkpoint).
-TRAINED_SECTIONS = ("preprocess",) + tuple(dict.fromkeys(
-    r.split(".")[0] for s in MODEL_SPECS for r in s.reads))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +129,9 @@ def spec_stages_yaml(specs: tuple[ModelSpec, ...] = MODEL_SPECS) -> str:
     ``train_<model>`` per model (a matrix over ``seeds``, listing ``runtime`` and exactly the
     params of its ``reads``, so that ``-S train.lambda_sp=50`` re-trains sparse_gan only; one
     stage per model since DVC cannot interpolate a list of params per matrix item), and
-    ``score``, a matrix over (model, seed)."""
+    ``score``, a matrix over (model, seed). Each stage's run record (timings, MLflow run:
+    :data:`sparsegan.layout.RUNS`) is a cached metrics file, apart from its output: a
+    ``cache: false`` output would turn DVC's run-cache off for the stage."""
     lines = [BEGIN]
     for i, s in enumerate(specs):
         lines += [f"  train_{s.name}:", "    matrix:", "      seed: ${seeds}",
@@ -143,12 +141,15 @@ def spec_stages_yaml(specs: tuple[ModelSpec, ...] = MODEL_SPECS) -> str:
         else:
             lines += ["    deps: *train_deps"]
         lines += ["    params:", "      - runtime"] + [f"      - {r}" for r in s.reads]
-        lines += ["    outs:", f"      - models/{s.name}/s${{item.seed}}", ""]
+        lines += ["    outs:", f"      - models/{s.name}/s${{item.seed}}",
+                  "    metrics:  # the run (timings, MLflow run), apart from the model",
+                  f"      - reports/runs/train/{s.name}-s${{item.seed}}.json", ""]
     lines += ["  score:", "    matrix:", f"      model: [{', '.join(s.name for s in specs)}]",
               "      seed: ${seeds}", "    cmd: python stages/score.py ${item.model} ${item.seed}",
               "    deps:"] + [f"      - {d}" for d in SCORE_DEPS] + [
               "    params:", "      - runtime", "      - score", "    outs:",
-              "      - scores/${item.model}/s${item.seed}", ""]
+              "      - scores/${item.model}/s${item.seed}", "    metrics:",
+              "      - reports/runs/score/${item.model}-s${item.seed}.json", ""]
     return "\n".join(lines + [END]) + "\n"
 
 

@@ -73,6 +73,8 @@ from .params import Params, check_model
 from .spec import TRAIN_READS
 from .tracking import check_tracking, flatten, log_training_data, start_run
 
+# A history row's keys that describe the run (this machine, this time), not the model.
+RUN_KEYS = ("seconds", "images_per_s", "data_wait_share")
 CHECKPOINT_KEYS = ("config", "epoch", "history", "mlflow_run_id", "model", "optimizers", "rng")
 
 
@@ -252,10 +254,14 @@ def _log_missing_epochs(run_id: str, history: list[dict]) -> None:
 
 
 def train_model(model: str, seed: int, params: Params, processed_dir: Path, model_dir: Path,
-                checkpoint_dir: Path, log_mlflow: bool = True) -> list[dict]:
+                checkpoint_dir: Path, log_mlflow: bool = True,
+                run_file: Path | None = None) -> list[dict]:
     """Train ``model`` from ``seed`` on ``processed_dir/train.npy`` and write
-    ``model_dir/model.pt``, resuming from ``checkpoint_dir/checkpoint.pt`` when it exists.
-    Returns the per-epoch mean losses."""
+    ``model_dir/model.pt`` and ``history.json`` (the per-epoch phase, losses and learning
+    rates), resuming from ``checkpoint_dir/checkpoint.pt`` when it exists. What the run itself
+    was (the per-epoch seconds, images/s and data-wait share, the MLflow run) goes to
+    ``run_file``, never into ``model_dir``, whose hash must change only with the model. Returns
+    the per-epoch rows (timings included)."""
     check_model(model)
     tag = f"{model} s{seed}"  # in messages
     r = params.runtime
@@ -349,7 +355,7 @@ def train_model(model: str, seed: int, params: Params, processed_dir: Path, mode
             for sched in detector.schedulers().values():  # per epoch (pix2pix's schedule)
                 sched.step()
             row = {"epoch": epoch + 1, "phase": phases[epoch], **means, **lrs,
-                   "images_per_s": len(images) / seconds,
+                   "seconds": seconds, "images_per_s": len(images) / seconds,
                    "data_wait_share": waited / seconds if seconds > 0 else 0.0}
             history.append(row)
             if not main:
@@ -371,8 +377,13 @@ def train_model(model: str, seed: int, params: Params, processed_dir: Path, mode
                   "n_train": len(images), "fingerprint": data}
     save_atomic(model_file(model, seed, params, image_size, config, detector.state_dict(),
                             trained_on), model_dir / "model.pt")
-    (model_dir / "history.json").write_text(json.dumps(history, indent=1))
-    (model_dir / "mlflow_run.json").write_text(json.dumps({"run_id": run_id}))
+    (model_dir / "history.json").write_text(json.dumps(
+        [{k: v for k, v in row.items() if k not in RUN_KEYS} for row in history], indent=1))
+    if run_file is not None:
+        run_file.parent.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps({"mlflow_run_id": run_id, "epochs": [
+            {"epoch": row["epoch"], **{k: row[k] for k in RUN_KEYS if k in row}}
+            for row in history]}, indent=1))
     checkpoint.unlink(missing_ok=True)
     distributed.teardown()
     return history

@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+from sparsegan import layout
 from sparsegan.cli import run_stage
 from sparsegan.data.preprocess import preprocess_all
 from sparsegan.params import load_params
@@ -11,7 +12,7 @@ from sparsegan.params import load_params
 def main(splits_dir: str = "data/splits", out_dir: str = "data/processed") -> None:
     params = load_params()
     preprocess_all(Path(splits_dir), Path(out_dir), params.data.image_size, params.preprocess.workers,
-                   params.preprocess.fill_corners)
+                   params.preprocess.fill_corners, timing_file=layout.RUNS / "preprocess.json")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def main(model: str, seed: str) -> None:
         return
     where = layout.seed_dir(model, seed_value)
     train_model(model, seed_value, params, layout.PROCESSED, layout.MODELS / where,
-                layout.CHECKPOINTS / where)
+                layout.CHECKPOINTS / where, run_file=layout.run_file("train", model, seed_value))
 
 
 if __name__ == "__main__":

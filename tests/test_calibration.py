@@ -209,7 +209,6 @@ def test_patient_rule_is_chosen_on_validation_and_applied_to_test_patients(tmp_p
     scores_dir.mkdir()
     val.to_csv(scores_dir / "val.csv", index=False)
     test.to_csv(scores_dir / "test.csv", index=False)
-    (scores_dir / "timing.json").write_text(json.dumps({"test_images_per_s": 1.0}))
     calibration = calibrate_scores(Params(calibrate=CalibrateParams(criterion="youden")),
                                    scores_dir)
     assert calibration["patient"]["aggregation"] == "max"

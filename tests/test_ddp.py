@@ -85,7 +85,8 @@ def test_two_cpu_processes_equal_one_process_with_the_same_global_batch(tmp_path
     where = Path(MODEL) / f"s{SEED}"
     ddp = load_trusted(repo / "models" / where / "model.pt", "model", ("model",))["model"]
     history = json.loads((repo / "models" / where / "history.json").read_text())
-    assert json.loads((repo / "models" / where / "mlflow_run.json").read_text())["run_id"]
+    assert json.loads((repo / f"reports/runs/train/{MODEL}-s{SEED}.json").read_text())[
+        "mlflow_run_id"]  # rank 0's run record
     assert not (repo / "checkpoints" / where / "checkpoint.pt").exists()
 
     # one process, the same global batch of 8, the same seed and shuffle

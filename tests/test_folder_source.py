@@ -246,3 +246,77 @@ def test_real_study_groups_runs_of_20_renamed_files(tmp_path):
     assert patient["normal_train_40.jpg"] == "normal_train:2"
     assert patient["cnv_train_5.jpg"] == "cnv_train:0"  # another numbering: another group
     assert patient["NORMAL-123-1.jpeg"] == "123" and patient["NORMAL-6.png"] == ""
+
+
+def _patients_apart(root: Path, splits: dict[str, dict[str, int]]) -> None:
+    """:func:`make_tree` with a patient of its own for every file."""
+    for n, (split, counts) in enumerate(splits.items()):
+        for m, (cls, count) in enumerate(counts.items()):
+            make_tree(root, {split: {cls: count}}, patient0=1000 * (1 + 4 * n + m))
+
+
+def _real_split(tree: Path, tmp_path: Path):
+    """The split the real-data study makes of ``tree``: its overrides (the rule of
+    sparsegan.studies.real) applied to the folder source and the split."""
+    from sparsegan.data.split import make_splits
+    from sparsegan.params import parse_params
+    from sparsegan.studies.real import real_overrides
+
+    over = real_overrides(tree, None)
+    split = {"val_normal": int(over["data.split.val_normal"]),
+             "val_per_disease": over["data.split.val_per_disease"]}
+    p = parse_params({"data": {"source": "folder", "folder": over["data.folder"],
+                               "split": split}})
+    raw = tmp_path / "raw"
+    raw.mkdir(exist_ok=True)
+    df = folder_manifest(over["data.folder"], raw)
+    return over, make_splits(df, raw, p.data.split, p.data.split.seed)
+
+
+def test_the_real_split_is_a_rule_every_disease_scan_to_validation(tmp_path):
+    """Other class counts than ../shared/oct_real's: all disease scans of train/ validate, a
+    fifth of the training normals (below 1,500 of them), training keeps only normals."""
+    tree = tmp_path / "tree"
+    _patients_apart(tree, {"train": {"NORMAL": 20, "CNV": 5, "DRUSEN": 3},
+                           "test": {"NORMAL": 4, "CNV": 4}})
+    over, splits = _real_split(tree, tmp_path)
+    assert over["data.split.val_normal"] == "4" and over["data.split.val_per_disease"] == "all"
+    val = splits["val"]["class"].value_counts().to_dict()
+    assert val == {"NORMAL": 4, "CNV": 5, "DRUSEN": 3}
+    assert set(splits["train"]["class"]) == {"NORMAL"} and len(splits["train"]) == 16
+    assert len(splits["test"]) == 8
+
+
+def test_the_real_split_survives_the_patient_rule_removing_scans(tmp_path):
+    """A DRUSEN patient of train/ also in test/ is dropped from train/ (no patient in two
+    splits): a count of the tree would ask for one DRUSEN scan too many; ``all`` takes what is
+    left."""
+    tree = tmp_path / "tree"
+    _patients_apart(tree, {"train": {"NORMAL": 20, "CNV": 4}, "test": {"NORMAL": 3, "CNV": 3}})
+    _jpeg(tree / "train" / "DRUSEN" / "DRUSEN-900-1.jpeg", 1)
+    _jpeg(tree / "train" / "DRUSEN" / "DRUSEN-901-1.jpeg", 2)
+    _jpeg(tree / "test" / "CNV" / "CNV-901-2.jpeg", 3)  # patient 901 is in test too
+    _, splits = _real_split(tree, tmp_path)
+    val = splits["val"]
+    assert (val["class"] == "DRUSEN").sum() == 1 and "901" not in set(val["patient"])
+    assert splits["train"].attrs["dropped_overlap"] == 1
+
+
+@pytest.mark.parametrize("tree,needle", [
+    ({"train": {"NORMAL": 20}, "test": {"NORMAL": 3, "CNV": 3}}, "no CNV, DME or DRUSEN"),
+    ({"train": {"NORMAL": 5, "CNV": 2}, "test": {"NORMAL": 3, "CNV": 3}}, "needs at least 10"),
+    ({"train": {"NORMAL": 20, "CNV": 2}, "test": {"CNV": 3}}, "needs NORMAL images and"),
+])
+def test_the_study_command_on_a_tree_it_cannot_split_says_so_in_one_line(tmp_path, tree,
+                                                                        needle):
+    import subprocess
+    import sys
+
+    make_tree(tmp_path / "tree", tree)
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "study.py"), "run", "--folder",
+                           str(tmp_path / "tree"), "--study", "x"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr, lines

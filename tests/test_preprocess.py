@@ -209,11 +209,19 @@ def test_preprocess_all_and_dataset(tmp_path):
         pd.DataFrame({"path": paths, "label": labels, "class": "NORMAL", "patient": "7",
                       "mask": ""}).to_csv(splits / f"{name}.csv", index=False)
     out = tmp_path / "processed"
-    summary = preprocess_all(splits, out, 32, workers=2)
+    summary = preprocess_all(splits, out, 32, workers=2, timing_file=tmp_path / "run.json")
     assert summary["image_size"] == 32 and summary["images"] == 13 and summary["skipped"] == 1
     assert summary["splits"]["val"]["kept"] == 3 and summary["splits"]["val"]["skipped"] == 1
     assert summary["images_per_s"] > 0
-    assert json.loads((out / "summary.json").read_text()) == summary
+    # the timings are the run's, kept out of the output (whose hash must follow its content)
+    timing = json.loads((tmp_path / "run.json").read_text())
+    assert timing["images_per_s"] == summary["images_per_s"] and "val" in timing["splits"]
+    written = json.loads((out / "summary.json").read_text())
+    assert "seconds" not in written and "images_per_s" not in written
+    assert "seconds" not in written["splits"]["val"] and written["splits"]["val"]["kept"] == 3
+    first = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    preprocess_all(splits, out, 32, workers=2)
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == first  # byte-identical
     skipped = pd.read_csv(out / "skipped.csv")
     assert skipped.columns.tolist() == ["file", "reason"]
     assert skipped["file"].tolist() == [bad["empty"]]

@@ -89,8 +89,6 @@ def _fake_row(root: Path, row: str, images: np.ndarray, index: pd.DataFrame,
         aam = masks.astype(np.float32) + rng.uniform(0, 0.3, masks.shape)
         maps["aam"] = (aam / aam.max()).astype(np.float16)
     np.savez_compressed(scores_dir / "test_maps.npz", **maps)
-    (scores_dir / "timing.json").write_text(json.dumps({"val_images_per_s": 100.0,
-                                                        "test_images_per_s": 120.0}))
     phi = calibrate_phi(val_labels, val_scores, "accuracy")
     calibration = {"phi": phi, "criterion": "accuracy",
                    "validation": detection_metrics(val_labels, val_scores, phi)}

@@ -95,10 +95,11 @@ def store(tmp_path_factory):
             calibrations[row] = _calibrate(root, row, params, PHI[row])
             for seed in seeds:
                 where = Path(model) / f"s{seed}"
+                record = root / "runs" / f"{model}-s{seed}.json"
                 train_model(model, seed, params, processed, root / "models" / where,
-                            root / "checkpoints" / where, log_mlflow=True)
-                run_id = json.loads((root / "models" / where / "mlflow_run.json").read_text())
-                with start_run(model, seed, run_id["run_id"]):
+                            root / "checkpoints" / where, log_mlflow=True, run_file=record)
+                run_id = json.loads(record.read_text())["mlflow_run_id"]
+                with start_run(model, seed, run_id):
                     config = read_config(root / "cal" / row / "calibration" / f"s{seed}.json",
                                          root / "scores" / where / "settings.json")
                     log_screening_model(root / "models" / where, config, scans / "s1.png")
@@ -147,9 +148,9 @@ def test_one_registered_model_per_row_one_version_per_seed_in_its_training_run(s
     parents = set()
     for v in [*versions, ae]:
         model = "sparse_gan" if v.name.endswith("sparse_gan") else "autoencoder"
-        where = store["root"] / "models" / model / f"s{v.tags['seed']}"
+        record = store["root"] / "runs" / f"{model}-s{v.tags['seed']}.json"
         # logged into the child run that trained that model and seed
-        assert v.run_id == json.loads((where / "mlflow_run.json").read_text())["run_id"]
+        assert v.run_id == json.loads(record.read_text())["mlflow_run_id"]
         run = client.get_run(v.run_id)
         assert run.data.tags["model"] == model and run.data.tags["seed"] == v.tags["seed"]
         parents.add(run.data.tags["mlflow.parentRunId"])

@@ -447,6 +447,7 @@ def preprocess_split(df: pd.DataFrame, size: int, out_dir: Path, name: str,
             "digests": digests}
 
 
+_TIMING = ("seconds", "images_per_s")  # of a run, not of its inputs: kept out of summary.json
 DUPLICATE_COLUMNS = ["file", "split", "class", "duplicate_of", "duplicate_of_split",
                      "duplicate_of_class", "conflict"]
 
@@ -467,11 +468,13 @@ def find_duplicates(rows: list[dict]) -> list[dict]:
 
 
 def preprocess_all(splits_dir: Path, out_dir: Path, size: int, workers: int = 0,
-                   corners: bool = False) -> dict:
+                   corners: bool = False, timing_file: Path | None = None) -> dict:
     """Preprocess ``{train,val,test}.csv`` of ``splits_dir`` into ``out_dir``.
 
     Writes the per-split files, ``skipped.csv`` (``file, reason``) and ``summary.json`` (counts
-    per split, skipped, seconds, images/s); returns the summary.
+    per split and skipped: a function of the inputs, so that ``out_dir``'s hash changes only
+    when its content does); the seconds and images/s go to ``timing_file`` (a metrics file of
+    the stage, which no stage reads). Returns the summary with the timings.
     """
     splits_dir, out_dir = Path(splits_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -508,5 +511,13 @@ def preprocess_all(splits_dir: Path, out_dir: Path, size: int, workers: int = 0,
                                "label_conflicts": conflicts},
                    seconds=round(seconds, 3),
                    images_per_s=round(total / seconds, 1) if seconds > 0 else None)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    timing = {"seconds": summary["seconds"], "images_per_s": summary["images_per_s"],
+              "splits": {k: {t: v[t] for t in _TIMING} for k, v in summary["splits"].items()}}
+    stable = {k: v for k, v in summary.items() if k not in _TIMING}
+    stable["splits"] = {k: {t: x for t, x in v.items() if t not in _TIMING}
+                        for k, v in summary["splits"].items()}
+    (out_dir / "summary.json").write_text(json.dumps(stable, indent=2) + "\n")
+    if timing_file is not None:
+        Path(timing_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(timing_file).write_text(json.dumps(timing, indent=2) + "\n")
     return summary

@@ -137,8 +137,11 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, guard, 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-    run_id = json.loads((model_dir / "mlflow_run.json").read_text())["run_id"]
+    record = json.loads((repo / f"reports/runs/train/{model}-s0.json").read_text())
+    run_id = record["mlflow_run_id"]  # the stage's run record, outside the model's folder
     assert run_id == killed["mlflow_run_id"]
+    assert len(record["epochs"]) == len(json.loads((model_dir / "history.json").read_text()))
+    assert sorted(p.name for p in model_dir.iterdir()) == ["history.json", "model.pt"]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     # one training run (and its pipeline's parent run), no orphan
@@ -178,7 +181,7 @@ def test_kill_between_checkpoint_and_mlflow_log_is_caught_up(tmp_path, guard, le
 
     monkeypatch.setattr(mlflow, "log_metrics", die_at_epoch_2)
     args = ("autoencoder", 0, params, repo / "data/processed", repo / "models/autoencoder",
-            repo / "checkpoints/autoencoder")
+            repo / "checkpoints/autoencoder", True, repo / "run.json")
     threads = torch.get_num_threads()
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -190,7 +193,7 @@ def test_kill_between_checkpoint_and_mlflow_log_is_caught_up(tmp_path, guard, le
         history = tr.train_model(*args)
     finally:
         torch.set_num_threads(threads)
-    run_id = json.loads((repo / "models/autoencoder/mlflow_run.json").read_text())["run_id"]
+    run_id = json.loads((repo / "run.json").read_text())["mlflow_run_id"]
     steps = [m.step for m in mlflow.tracking.MlflowClient().get_metric_history(run_id, "loss_re")]
     assert sorted(steps) == [1, 2, 3] == [r["epoch"] for r in history]
 
