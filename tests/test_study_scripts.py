@@ -151,3 +151,60 @@ def test_score_comparison_measures_spread_shift_patient_share_and_residual_depth
     assert row["profile_r"] < 0
     with pytest.raises(SystemExit, match="no row"):
         module.compare(tmp_path / "syn", tmp_path / "real", seed=1)
+
+
+def _arm(name, epochs, val, flops=1e13):
+    """An arm record as run_arm writes it: ``val`` row -> per-seed validation AUCs."""
+    rows = {r: {"val_auc": {str(s): v for s, v in enumerate(aucs)}, "val_patient_auc": {},
+                "val_auc_by_class": {str(s): {"DME": {"auc": v, "low": v - 0.1, "high": v + 0.1,
+                                                      "n": 36, "n_normal": 300}}
+                                     for s, v in enumerate(aucs)}}
+            for r, aucs in val.items()}
+    models = {m: {"train_s": {"0": 60.0, "1": 120.0}, "train_flops": flops}
+              for m in ("autoencoder", "pix2pix", "sparse_gan")}
+    return {"arm": name, "overrides": {"train.epochs": str(epochs)}, "seeds": [0, 1],
+            "image_size": 64, "base_channels": 16, "epochs": epochs, "n_train": 10,
+            "rows": rows, "models": models, "command": "dvc exp run ...", "commit": "abc",
+            "wall_s": 600.0}
+
+
+def test_scale_study_pairs_rows_by_seed_and_draws_the_trend(tmp_path):
+    from sparsegan.studies import scale
+
+    val = {"autoencoder": [0.80, 0.78], "pix2pix_image": [0.79, 0.77],
+           "pix2pix_latent": [0.76, 0.75], "sparse_gan": [0.70, 0.73],
+           "autoencoder_latent": [0.76, 0.77], "sparse_gan_image": [0.77, 0.76]}
+    (tmp_path / "arms").mkdir()
+    for name, epochs, shift, flops in (("e60", 60, 0.0, 1e13), ("e120", 120, 0.05, 2e13)):
+        rec = _arm(name, epochs, {r: [v + (shift if r == "sparse_gan" else 0) for v in a]
+                                  for r, a in val.items()}, flops)
+        (tmp_path / "arms" / f"{name}.json").write_text(json.dumps(rec))
+    result = scale.collect(tmp_path)
+    assert list(result["arms"]) == ["e60", "e120"]  # ARMS order, not file order
+    e60, e120 = result["arms"]["e60"], result["arms"]["e120"]
+    d = e60["paired_val_auc"]["Sparse-GAN - pix2pix #2 (latent)"]
+    assert d["per_seed"] == pytest.approx({"0": -0.06, "1": -0.02}) and d["wins"] == 0
+    assert e120["paired_val_auc"]["Sparse-GAN - pix2pix #2 (latent)"]["mean"] == pytest.approx(
+        0.01)  # overtakes at 120 epochs: +0.05 on each seed
+    assert e60["paired_val_auc"]["Auto-Encoder latent - image"]["mean"] == pytest.approx(-0.025)
+    assert e60["sparse_gan_train_tflops"] == pytest.approx(10.0)
+    assert e60["train_cpu_minutes"]["sparse_gan"]["mean"] == pytest.approx(1.5)
+    assert e60["val_auc_by_class"]["sparse_gan"]["DME"]["auc"] == pytest.approx(0.715)
+    assert "| e120 | 120 | 64 | 16 | 20.0 |" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_scale_arms_train_the_baselines_only_where_their_input_changes(tmp_path):
+    from sparsegan.studies.scale import arm_command
+
+    for split, cls, n in (("train", "NORMAL", 20), ("train", "CNV", 3), ("test", "NORMAL", 2),
+                          ("test", "CNV", 2)):
+        (tmp_path / split / cls).mkdir(parents=True)
+        for k in range(n):
+            (tmp_path / split / cls / f"{cls}-{k}-1.jpeg").write_bytes(b"")  # counted, not read
+    tree = tmp_path
+    cmd = arm_command("e120", [0, 1, 2], tree, None)
+    assert cmd[:5] == ["dvc", "exp", "run", "-n", "scale-e120"] and "train.epochs=120" in cmd
+    assert "calibrate@sparse_gan" in cmd and "calibrate@anogan" not in cmd
+    assert "data.split.val_per_disease=all" in cmd and "data.split.val_normal=4" in cmd
+    assert "calibrate@anogan" in arm_command("e60_s112", [0], tree, None)

@@ -187,7 +187,7 @@ def summarise_arm(record: dict) -> dict:
     return {"arm": record["arm"], "overrides": record["overrides"], "commit": record["commit"],
             "seeds": record["seeds"], "epochs": record["epochs"],
             "image_size": record["image_size"], "base_channels": record["base_channels"],
-            "sparse_gan_train_pflops": models["sparse_gan"]["train_flops"] / 1e15,
+            "sparse_gan_train_tflops": models["sparse_gan"]["train_flops"] / 1e12,
             "train_flops": {m: v["train_flops"] for m, v in models.items()},
             "train_cpu_minutes": {m: _mean_sd([s / 60 for s in v["train_s"].values()])
                                   for m, v in models.items()},
@@ -218,7 +218,7 @@ def markdown(result: dict) -> str:
              "Made by `python scripts/scale.py collect` from `studies/scale/arms/*.json`; each arm "
              "one `dvc exp run` (its command and commit are in its record). Cells: mean ± sd "
              "over seeds [min, max], wins = seeds where A > B.", "",
-             "| arm | epochs | size | width | Sparse-GAN PFLOPs | CPU min (SG / p2p / AE) | "
+             "| arm | epochs | size | width | Sparse-GAN TFLOPs | CPU min (SG / p2p / AE) | "
              + " | ".join(name for name, _, _ in PAIRS) + " |",
              "|---" * (5 + len(PAIRS)) + "|"]
     for a, s in arms.items():
@@ -229,7 +229,7 @@ def markdown(result: dict) -> str:
             cells.append("-" if d is None else f"{d['mean']:+.3f} ± {d['sd']:.3f} "
                          f"[{d['min']:+.3f}, {d['max']:+.3f}] {d['wins']}/{d['n']}")
         lines.append(f"| {a} | {s['epochs']} | {s['image_size']} | {s['base_channels']} | "
-                     f"{s['sparse_gan_train_pflops']:.2f} | "
+                     f"{s['sparse_gan_train_tflops']:.1f} | "
                      + " / ".join(f"{cpu[m]['mean']:.1f}" for m in
                                   ("sparse_gan", "pix2pix", "autoencoder") if m in cpu)
                      + " | " + " | ".join(cells) + " |")
@@ -271,7 +271,7 @@ def figure(result: dict, out: Path) -> None:
         for a in length:
             d = arms[a]["paired_val_auc"].get(name)
             if d:
-                xs.append(arms[a]["sparse_gan_train_pflops"])
+                xs.append(arms[a]["sparse_gan_train_tflops"])
                 ys.append(d["mean"])
                 es.append(0 if np.isnan(d["sd"]) else d["sd"])
         top.errorbar(xs, ys, yerr=es, color=colour, marker="o", capsize=3, label=name)
@@ -279,14 +279,14 @@ def figure(result: dict, out: Path) -> None:
             d = s["paired_val_auc"].get(name)
             if a in length or d is None:
                 continue
-            top.errorbar([s["sparse_gan_train_pflops"]], [d["mean"]],
+            top.errorbar([s["sparse_gan_train_tflops"]], [d["mean"]],
                          yerr=[0 if np.isnan(d["sd"]) else d["sd"]], color=colour, marker="s",
                          capsize=3, alpha=0.6)
             if name == "Sparse-GAN - pix2pix #2 (latent)":
-                top.annotate(a, (s["sparse_gan_train_pflops"], d["mean"]), fontsize=7,
+                top.annotate(a, (s["sparse_gan_train_tflops"], d["mean"]), fontsize=7,
                              xytext=(4, 4), textcoords="offset points")
     for a in length:
-        top.annotate(f"{arms[a]['epochs']} ep", (arms[a]["sparse_gan_train_pflops"],
+        top.annotate(f"{arms[a]['epochs']} ep", (arms[a]["sparse_gan_train_tflops"],
                                                  arms[a]["paired_val_auc"][
                                                      "Sparse-GAN - pix2pix #2 (latent)"]["mean"]),
                      fontsize=7, xytext=(4, -10), textcoords="offset points")
@@ -295,7 +295,7 @@ def figure(result: dict, out: Path) -> None:
     top.set_title("Sparse-GAN vs its ablations on real validation scans, paired by seed")
     top.legend(fontsize=8, loc="lower right")
     top.grid(alpha=0.3)
-    xs = [s["sparse_gan_train_pflops"] for s in arms.values()]
+    xs = [s["sparse_gan_train_tflops"] for s in arms.values()]
     best = [max(s["val_auc"].values(), key=lambda v: v["mean"]) for s in arms.values()]
     best_row = [max(s["val_auc"], key=lambda r: s["val_auc"][r]["mean"]) for s in arms.values()]
     sg = [s["val_auc"]["sparse_gan"] for s in arms.values()]
@@ -310,7 +310,7 @@ def figure(result: dict, out: Path) -> None:
                     yerr=[np.nan_to_num(sg[i]["sd"]) for i in order], marker="o", color="C3",
                     linestyle="none", capsize=3, label="Sparse-GAN")
     bottom.set_xscale("log")
-    bottom.set_xlabel("training compute of one Sparse-GAN (PFLOPs, log scale)")
+    bottom.set_xlabel("training compute of one Sparse-GAN (TFLOPs, log scale)")
     bottom.set_ylabel("val AUC")
     bottom.legend(fontsize=8, loc="lower right")
     bottom.grid(alpha=0.3)
