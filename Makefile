@@ -31,7 +31,8 @@ bench: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 # Table 1 on the default synthetic data over 3 training seeds: one `dvc exp run -S seeds=[0,1,2]`
-# -> studies/synthetic/{metrics.json,results.json,results.md} (the README's synthetic table).
+# -> studies/synthetic/{metrics.json,results.json,results.md} (the README's synthetic table is the
+# same experiment, made as studies/synthetic_spp2 before 2 scans per patient became the default).
 # The real-data table: scripts/study.py run --folder <tree> (README).
 study: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/study.py run --study synthetic --seeds 0 1 2

@@ -14,18 +14,9 @@ import argparse
 import json
 from pathlib import Path
 
-from sparsegan.studies.agreement import agreement_report, summary
+from sparsegan.studies.agreement import agreement_report, parse_pair, summary
 
 REAL = Path("studies") / "real"
-
-
-def _pair(arg: str) -> tuple[str, str]:
-    """``A:B`` -> (A, B); a ``study:<name>`` label keeps its colon (``real2:study:synthetic``)."""
-    a, b = arg.split(":", 1)
-    if a == "study":
-        name, b = b.split(":", 1)
-        a = f"study:{name}"
-    return a, b
 
 
 def main() -> None:
@@ -42,7 +33,7 @@ def main() -> None:
         print(md)
     if a.agreement:
         records = [json.loads(x) for x in (REAL / "checks.jsonl").read_text().splitlines()]
-        result, md = agreement_report([_pair(p) for p in a.agreement], records)
+        result, md = agreement_report([parse_pair(p) for p in a.agreement], records)
         (REAL / "agreement.json").write_text(json.dumps(result, indent=1) + "\n")
         (REAL / "agreement.md").write_text(md)
         print(md)

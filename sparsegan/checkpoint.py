@@ -31,7 +31,7 @@ class CheckpointError(StageError):
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device = cuda but no CUDA GPU is visible; use 'auto' or 'cpu'")
+        raise RuntimeError("runtime.device = cuda but no CUDA GPU is visible; use 'auto' or 'cpu'")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

@@ -16,7 +16,7 @@ Reliability (tests/reliability proves each point):
   uninterrupted run. ``checkpoints/`` is outside DVC's outputs (DVC deletes ``models/<model>/s<seed>``
   before re-running a stage), so ``dvc repro`` resumes too. It is deleted once ``model.pt`` is saved.
 * **Other params or data**: a checkpoint whose config hash (model, seed, image size and the
-  params of :data:`sparsegan.params.TRAIN_READS`) or training-data fingerprint
+  params of :data:`sparsegan.spec.TRAIN_READS`) or training-data fingerprint
   (:func:`data_fingerprint`) differs from the current ones is never resumed and never deleted: it is renamed to
   ``checkpoint.config-<hash>.pt`` (or ``checkpoint.data-<hash>.pt``) with a message on stderr,
   and training starts afresh.
@@ -121,7 +121,7 @@ def train_step(detector: Detector, x: torch.Tensor, phase: str, device: torch.de
 
 def trained_params(model: str, params: Params) -> dict[str, Any]:
     """The flattened params (``"train.lr" -> 0.001``) that ``model``'s training reads
-    (:data:`~sparsegan.params.TRAIN_READS`): what its checkpoints are keyed by and its MLflow
+    (:data:`~sparsegan.spec.TRAIN_READS`): what its checkpoints are keyed by and its MLflow
     run logs."""
     reads = TRAIN_READS[model]
     return {k: v for k, v in flatten(params).items()
@@ -130,7 +130,7 @@ def trained_params(model: str, params: Params) -> dict[str, Any]:
 
 def config_hash(model: str, seed: int, params: Params, image_size: int) -> str:
     """Identifies what a checkpoint was trained with (the params ``model``'s training reads,
-    :data:`~sparsegan.params.TRAIN_READS`), so that a resume never mixes settings."""
+    :data:`~sparsegan.spec.TRAIN_READS`), so that a resume never mixes settings."""
     payload = json.dumps([model, seed, image_size, trained_params(model, params)],
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -58,15 +58,20 @@ def _copy_repo(work: Path, params: dict) -> None:
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("repo")
-    _copy_repo(work, _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY))
+def _repro(work: Path) -> None:
+    """A git repository with a first commit and DVC in ``work``, then ``dvc repro``."""
     _run(["git", "init", "-q"], work)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
           "-m", "init"], work)
     _run([sys.executable, "-m", "dvc", "init", "-q"], work)
     _run([sys.executable, "-m", "dvc", "repro"], work)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("repo")
+    _copy_repo(work, _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY))
+    _repro(work)
     return work
 
 
@@ -296,11 +301,7 @@ def toy(tmp_path_factory) -> Path:
     (work / "sparsegan/spec.py").write_text(text.replace("\n)\n\n# Table 1", "\n" + TOY_SPEC
                                                          + "\n# Table 1", 1))
     _run([sys.executable, "-m", "sparsegan.spec"], work)
-    _run(["git", "init", "-q"], work)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
-          "-m", "init"], work)
-    _run([sys.executable, "-m", "dvc", "init", "-q"], work)
-    _run([sys.executable, "-m", "dvc", "repro"], work)
+    _repro(work)
     return work
 
 

@@ -59,9 +59,9 @@ def test_agreement_reads_a_pipeline_study_by_seed(checks, tmp_path):
     assert got["anogan"] == {0: 0.6, 1: pytest.approx(0.7)}
     real = checks.row_aucs(_records("r", {0: (0.8, 0.6, 0.5, 0.75, 0.7, 0.65)}), "r")
     assert checks.agreement(real, got)["spearman_of_means"] == pytest.approx(1.0)
-    assert checks._pair("real2:study:syn") == ("real2", "study:syn")
-    assert checks._pair("study:syn:real2") == ("study:syn", "real2")
-    assert checks._pair("real2:synthetic3") == ("real2", "synthetic3")
+    assert checks.parse_pair("real2:study:syn") == ("real2", "study:syn")
+    assert checks.parse_pair("study:syn:real2") == ("study:syn", "real2")
+    assert checks.parse_pair("real2:synthetic3") == ("real2", "synthetic3")
     with pytest.raises(SystemExit, match="missing.*metrics.json: not found"):
         checks.row_aucs([], "study:missing", studies_dir=tmp_path)
 

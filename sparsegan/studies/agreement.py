@@ -152,7 +152,7 @@ def agreement_report(pairs: list[tuple[str, str]], records: list[dict]) -> tuple
     return result, "\n".join(lines) + "\n"
 
 
-def _pair(arg: str) -> tuple[str, str]:
+def parse_pair(arg: str) -> tuple[str, str]:
     """``A:B`` -> (A, B); a ``study:<name>`` label keeps its colon (``real2:study:synthetic``)."""
     a, b = arg.split(":", 1)
     if a == "study":

@@ -9,7 +9,7 @@ size, :data:`ARMS` ``baselines``); the test split is never scored by an arm.
 Per arm (``studies/scale/arms/<arm>.json``, read from the workspace right after the run): every
 targeted row's validation AUC per seed (scan and patient level), its per-class validation AUC
 (NORMAL against one disease) with a patient-bootstrap interval, each model's training seconds
-(from its history) and training FLOPs (:func:`sparsegan.flops.training_flops`), the arm's wall
+(from its run record) and training FLOPs (:func:`sparsegan.flops.training_flops`), the arm's wall
 time, and the commit it ran on. :func:`collect` pairs the rows by seed into the endpoints of
 :data:`PAIRS` (``results.json`` / ``results.md``) and draws ``scale.png``.
 """
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import layout
 from ..params import DEFAULT_ROWS, DISEASES, load_params
 from ..stats import paired_over_seeds, patient_bootstrap
 from .real import real_overrides
@@ -98,6 +99,18 @@ def _by_class(val, phi: float) -> dict[str, dict]:
     return out
 
 
+def _training_seconds(root: Path, model: str, seed: int) -> float:
+    """Seconds of one training: its run record (``reports/runs/train``), or, for trainings of
+    the layout before run records, the timings its ``history.json`` carried."""
+    record = layout.run_file("train", model, seed, root / layout.RUNS)
+    if record.is_file():
+        return float(sum(e["seconds"] for e in json.loads(record.read_text())["epochs"]))
+    history = json.loads((layout.model_dir(model, seed, root / layout.MODELS)
+                          / "history.json").read_text())
+    n = int(np.load(root / layout.PROCESSED / "train.npy", mmap_mode="r").shape[0])
+    return float(sum(n / h["images_per_s"] for h in history))
+
+
 def read_arm(root: Path, arm: str, seeds: list[int]) -> dict:
     """What the arm's experiment left in the workspace ``root`` (see the module doc)."""
     import pandas as pd
@@ -110,21 +123,20 @@ def read_arm(root: Path, arm: str, seeds: list[int]) -> dict:
         model, score = DEFAULT_ROWS[row]
         entry: dict = {"val_auc": {}, "val_patient_auc": {}, "val_auc_by_class": {}}
         for s in seeds:
-            cal = json.loads((root / "reports/rows" / row / "calibration" / f"s{s}.json").read_text())
+            cal = json.loads(layout.calibration_file(row, s, root / layout.ROWS).read_text())
             entry["val_auc"][str(s)] = cal["validation"]["auc"]
             if "patient" in cal:
                 entry["val_patient_auc"][str(s)] = cal["patient"]["validation"]["auc"]
-            val = pd.read_csv(root / "scores" / model / f"s{s}" / score / "val.csv",
+            val = pd.read_csv(layout.scores_dir(model, s, root / layout.SCORES) / score / "val.csv",
                               dtype={"patient": str}, keep_default_na=False)
             entry["val_auc_by_class"][str(s)] = _by_class(val, cal["phi"])
         rows[row] = entry
-    n_train = int(np.load(root / "data/processed/train.npy", mmap_mode="r").shape[0])
+    n_train = int(np.load(root / layout.PROCESSED / "train.npy", mmap_mode="r").shape[0])
     models = {}
     for model in dict.fromkeys(DEFAULT_ROWS[r][0] for r in rows):
         seconds = {}
         for s in seeds:
-            history = json.loads((root / "models" / model / f"s{s}" / "history.json").read_text())
-            seconds[str(s)] = float(sum(n_train / h["images_per_s"] for h in history))
+            seconds[str(s)] = _training_seconds(root, model, s)
         models[model] = {"train_s": seconds,
                          "train_flops": training_flops(model, params, params.data.image_size,
                                                        n_train)}
@@ -196,6 +208,21 @@ def summarise_arm(record: dict) -> dict:
             "paired_val_auc": pairs, "val_auc_by_class": by_class}
 
 
+PAPER_TRAIN_IMAGES = 50_140  # OCT2017 v3's normal training scans less 1,000 for validation
+
+
+def paper_epoch_tflops() -> float:
+    """Training compute of one Sparse-GAN epoch at the paper's setting (224x224, base width 64,
+    1024x7x7 latent, 50,140 normal training scans), counted as the arms are: the scale of the
+    measured arms against the paper's."""
+    from ..flops import training_flops
+    from ..params import parse_params
+
+    params = parse_params({"data": {"image_size": 224}, "model": {"base_channels": 64},
+                           "train": {"epochs": 1}})
+    return training_flops("sparse_gan", params, 224, PAPER_TRAIN_IMAGES, batch=2) / 1e12
+
+
 def collect(out_dir: Path) -> dict:
     """``out_dir/results.{json,md}`` and ``scale.png`` from every ``out_dir/arms/*.json``, arms
     in :data:`ARMS` order."""
@@ -205,7 +232,8 @@ def collect(out_dir: Path) -> dict:
     order = [a for a in ARMS if a in files] + sorted(set(files) - set(ARMS))
     arms = {a: summarise_arm(json.loads(files[a].read_text())) for a in order}
     result = {"what": "validation AUC on the real split (studies/real), 3 training seeds per arm "
-                      "unless stated; test never scored", "arms": arms}
+                      "unless stated; test never scored", "arms": arms,
+              "paper_epoch_tflops": paper_epoch_tflops()}
     (out_dir / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     (out_dir / "results.md").write_text(markdown(result))
     figure(result, out_dir / "scale.png")
@@ -217,7 +245,11 @@ def markdown(result: dict) -> str:
     lines = ["# Scale study (real validation split, paired by training seed)", "",
              "Made by `python scripts/scale.py collect` from `studies/scale/arms/*.json`; each arm "
              "one `dvc exp run` (its command and commit are in its record). Cells: mean ± sd "
-             "over seeds [min, max], wins = seeds where A > B.", "",
+             "over seeds [min, max], wins = seeds where A > B. TFLOPs: one Sparse-GAN training, "
+             "counted; one epoch at the paper's setting (224x224, width 64, 50,140 scans) is "
+             f"{result['paper_epoch_tflops']:.0f} TFLOPs. CPU min: training minutes per model "
+             "and seed (from the trainings' histories; a machine shared with other jobs "
+             "inflates them).", "",
              "| arm | epochs | size | width | Sparse-GAN TFLOPs | CPU min (SG / p2p / AE) | "
              + " | ".join(name for name, _, _ in PAIRS) + " |",
              "|---" * (5 + len(PAIRS)) + "|"]

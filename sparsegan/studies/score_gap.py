@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import evaluate
+from .. import evaluate, layout
 
 
 def read_scores(path: Path) -> dict[str, np.ndarray]:
@@ -102,11 +102,11 @@ def row_stats(folder: Path) -> tuple[dict[str, float], np.ndarray | None]:
 def compare(synthetic: Path, real: Path, seed: int) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for model_dir in sorted(p for p in synthetic.iterdir() if p.is_dir()):
-        seed_dir = model_dir / f"s{seed}"
+        seed_dir = synthetic / layout.seed_dir(model_dir.name, seed)
         if not seed_dir.is_dir():
             continue
         for score_dir in sorted(p for p in seed_dir.iterdir() if p.is_dir()):
-            other = real / model_dir.name / f"s{seed}" / score_dir.name
+            other = real / layout.seed_dir(model_dir.name, seed) / score_dir.name
             if not other.is_dir():
                 continue
             (s, s_prof), (r, r_prof) = row_stats(score_dir), row_stats(other)
