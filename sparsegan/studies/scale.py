@@ -38,6 +38,7 @@ ARMS: dict[str, dict] = {
     "e60": {"overrides": {"train.epochs": "60"}},
     "e120": {"overrides": {"train.epochs": "120"}},
     "e240": {"overrides": {"train.epochs": "240"}},
+    "e480": {"overrides": {"train.epochs": "480"}},
     "e60_w32": {"overrides": {"train.epochs": "60", "model.base_channels": "32"}},
     "e60_s112": {"overrides": {"train.epochs": "60", "data.image_size": "112"}, "baselines": True},
     "e60_lsp5": {"overrides": {"train.epochs": "60", "train.lambda_sp": "5"}},
