@@ -316,14 +316,14 @@ def model_job(model: str, size: int, base: int, batch: int, data: str, device_na
         out["phases"][phase] = {"images_per_s": round(batch / seconds, 2),
                                 "step_s": round(seconds, 4), "steps": reps,
                                 "gflops_per_image": round(flops / 1e9, 4),
-                                "achieved_gflops": round(flops * batch / seconds / 1e9, 2),
+                                "achieved_gflops": float(f"{flops * batch / seconds / 1e9:.4g}"),
                                 "epochs": epochs.count(phase)}
     # training throughput over a whole schedule: time per image weighted by each phase's epochs
     s_per_img = sum(p["epochs"] / p["images_per_s"] for p in out["phases"].values()) / len(epochs)
     flops_img = sum(p["epochs"] * p["gflops_per_image"] for p in out["phases"].values()) / len(epochs)
     out["train_images_per_s"] = round(1 / s_per_img, 2)
     out["train_gflops_per_image"] = round(flops_img, 4)
-    out["train_achieved_gflops"] = round(flops_img / s_per_img, 2)
+    out["train_achieved_gflops"] = float(f"{flops_img / s_per_img:.4g}")  # tiny models too
     out["peak_rss_train_mb"] = round(peak_rss_mb(), 1)
     if device.type == "cuda":
         out["cuda_peak_train_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
