@@ -274,7 +274,7 @@ def _real_split(tree: Path, tmp_path: Path):
 
 
 def test_the_real_split_is_a_rule_every_disease_scan_to_validation(tmp_path):
-    """Other class counts than ../shared/oct_real's: all disease scans of train/ validate, a
+    """Class counts unlike the development subset's: all disease scans of train/ validate, a
     fifth of the training normals (below 1,500 of them), training keeps only normals."""
     tree = tmp_path / "tree"
     _patients_apart(tree, {"train": {"NORMAL": 20, "CNV": 5, "DRUSEN": 3},
