@@ -153,7 +153,8 @@ def test_score_comparison_measures_spread_shift_patient_share_and_residual_depth
         module.compare(tmp_path / "syn", tmp_path / "real", seed=1)
 
 
-def _arm(name, epochs, val, flops=1e13):
+def _arm(name, epochs, val, flops=1e13, models=("autoencoder", "pix2pix", "sparse_gan"),
+         overrides=None):
     """An arm record as run_arm writes it: ``val`` row -> per-seed validation AUCs."""
     rows = {r: {"val_auc": {str(s): v for s, v in enumerate(aucs)}, "val_patient_auc": {},
                 "val_auc_by_class": {str(s): {"DME": {"auc": v, "low": v - 0.1, "high": v + 0.1,
@@ -161,11 +162,12 @@ def _arm(name, epochs, val, flops=1e13):
                                      for s, v in enumerate(aucs)}}
             for r, aucs in val.items()}
     models = {m: {"train_s": {"0": 60.0, "1": 120.0}, "train_flops": flops}
-              for m in ("autoencoder", "pix2pix", "sparse_gan")}
-    return {"arm": name, "overrides": {"train.epochs": str(epochs)}, "seeds": [0, 1],
+              for m in models}
+    return {"arm": name, "overrides": overrides or {"train.epochs": str(epochs)}, "seeds": [0, 1],
             "image_size": 64, "base_channels": 16, "epochs": epochs, "n_train": 10,
             "rows": rows, "models": models, "command": "dvc exp run ...", "commit": "abc",
-            "wall_s": 600.0}
+            "wall_s": 600.0, "baselines": {"anogan_epochs": 30, "fanogan_epochs": 100,
+                                           "fill_corners": "fill_corners" in str(overrides)}}
 
 
 def test_scale_study_pairs_rows_by_seed_and_draws_the_trend(tmp_path):
@@ -194,6 +196,30 @@ def test_scale_study_pairs_rows_by_seed_and_draws_the_trend(tmp_path):
     assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_baseline_arms_pair_against_corners_left_in_and_stay_out_of_the_trend(tmp_path):
+    from sparsegan.studies import scale
+
+    (tmp_path / "arms").mkdir()
+    scan = {"autoencoder": [0.8, 0.8], "pix2pix_image": [0.79, 0.79],
+            "pix2pix_latent": [0.76, 0.76], "sparse_gan": [0.7, 0.7]}
+    (tmp_path / "arms" / "e60.json").write_text(json.dumps(_arm("e60", 60, scan)))
+    for name, aucs, over in (("b_raw", [0.58, 0.60], {}),
+                             ("b_filled", [0.70, 0.66], {"preprocess.fill_corners": "true"})):
+        rec = _arm(name, 30, {"anogan": aucs, "fanogan": [a + 0.01 for a in aucs]},
+                   models=("anogan", "fanogan"), overrides=over)
+        (tmp_path / "arms" / f"{name}.json").write_text(json.dumps(rec))
+    result = scale.collect(tmp_path)
+    filled = result["arms"]["b_filled"]
+    assert filled["sparse_gan_train_tflops"] is None
+    d = filled["paired_val_auc"]["anogan: b_filled - b_raw"]
+    assert d["per_seed"] == pytest.approx({"0": 0.12, "1": 0.06}) and d["wins"] == 2
+    assert result["arms"]["b_raw"]["paired_val_auc"] == {}
+    md = (tmp_path / "results.md").read_text()
+    assert "| b_filled | yes | 30 / 100 | 1.5 / 1.5 | 0.680 ± 0.028 | 0.690 ± 0.028 |" in md
+    assert "| b_raw | 30 |" not in md  # not a row of the scale table
+    assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_scale_arms_train_the_baselines_only_where_their_input_changes(tmp_path):
     from sparsegan.studies.scale import arm_command
 
@@ -208,3 +234,6 @@ def test_scale_arms_train_the_baselines_only_where_their_input_changes(tmp_path)
     assert "calibrate@sparse_gan" in cmd and "calibrate@anogan" not in cmd
     assert "data.split.val_per_disease=all" in cmd and "data.split.val_normal=4" in cmd
     assert "calibrate@anogan" in arm_command("e60_s112", [0], tree, None)
+    b = arm_command("b_filled", [0], tree, None)
+    assert "preprocess.fill_corners=true" in b and "calibrate@fanogan" in b
+    assert "calibrate@sparse_gan" not in b

@@ -4,7 +4,8 @@ Each **arm** is a set of ``dvc exp run -S`` overrides on top of the real-data sp
 (:mod:`sparsegan.studies.real`), run over the same training seeds as one DVC experiment named
 ``scale-<arm>`` in the repository's workspace. Only the reconstruction rows' calibrations are
 targeted, so AnoGAN and f-AnoGAN are trained only in arms that change what they see (the image
-size, :data:`ARMS` ``baselines``); the test split is never scored by an arm.
+size, :data:`ARMS` ``rows``); the ``b_*`` arms train only AnoGAN and f-AnoGAN, to choose their own
+preprocessing and length (fair baselines). The test split is never scored by an arm.
 
 Per arm (``studies/scale/arms/<arm>.json``, read from the workspace right after the run): every
 targeted row's validation AUC per seed (scan and patient level), its per-class validation AUC
@@ -32,21 +33,31 @@ RECONSTRUCTION_ROWS = ("autoencoder", "pix2pix_image", "pix2pix_latent", "sparse
                        "autoencoder_latent", "sparse_gan_image")
 BASELINE_ROWS = ("anogan", "fanogan")
 
-# arm -> overrides (as `dvc exp run -S key=value`); ``baselines``: also (re-)train AnoGAN and
-# f-AnoGAN (the arm changes their input). Training length first, then size, then the SRN's knobs.
+# arm -> overrides (as `dvc exp run -S key=value`) and ``rows``, the rows it trains and calibrates
+# (default: the reconstruction rows; the baselines too where the arm changes their input).
+# Training length first, then size, then the SRN's knobs, then the baselines' own arms.
 ARMS: dict[str, dict] = {
     "e60": {"overrides": {"train.epochs": "60"}},
     "e120": {"overrides": {"train.epochs": "120"}},
     "e240": {"overrides": {"train.epochs": "240"}},
     "e480": {"overrides": {"train.epochs": "480"}},
     "e60_w32": {"overrides": {"train.epochs": "60", "model.base_channels": "32"}},
-    "e60_s112": {"overrides": {"train.epochs": "60", "data.image_size": "112"}, "baselines": True},
+    "e60_s112": {"overrides": {"train.epochs": "60", "data.image_size": "112"},
+                 "rows": RECONSTRUCTION_ROWS + BASELINE_ROWS},
     "e60_lsp5": {"overrides": {"train.epochs": "60", "train.lambda_sp": "5"}},
     # the SRN's knobs at the longest measured length (the best arm); only Sparse-GAN re-trains
     "e240_lsp5": {"overrides": {"train.epochs": "240", "train.lambda_sp": "5"}},
     "e240_lsp200": {"overrides": {"train.epochs": "240", "train.lambda_sp": "200"}},
     "e240_code2x": {"overrides": {"train.epochs": "240", "srn.code_channels": "128"}},
     "e240_l1x10": {"overrides": {"train.epochs": "240", "srn.l1": "1.0"}},
+    "e240_lsp5_code2x": {"overrides": {"train.epochs": "240", "train.lambda_sp": "5",
+                                       "srn.code_channels": "128"}},
+    # AnoGAN and f-AnoGAN at their default lengths: registration corners left in (as the
+    # reconstruction rows see them) or filled, then twice as long
+    "b_raw": {"overrides": {}, "rows": BASELINE_ROWS},
+    "b_filled": {"overrides": {"preprocess.fill_corners": "true"}, "rows": BASELINE_ROWS},
+    "b_filled_x2": {"overrides": {"preprocess.fill_corners": "true", "anogan.epochs": "60",
+                                  "fanogan.epochs": "200"}, "rows": BASELINE_ROWS},
 }
 
 # The endpoints: (name, row A, row B), each the per-seed difference A - B of validation AUC.
@@ -61,8 +72,7 @@ PAIRS = (
 
 
 def arm_rows(arm: str) -> tuple[str, ...]:
-    spec = ARMS[arm]
-    return RECONSTRUCTION_ROWS + (BASELINE_ROWS if spec.get("baselines") else ())
+    return ARMS[arm].get("rows", RECONSTRUCTION_ROWS)
 
 
 def arm_command(arm: str, seeds: list[int], folder: Path, patients: Path | None) -> list[str]:
@@ -145,7 +155,10 @@ def read_arm(root: Path, arm: str, seeds: list[int]) -> dict:
                                                        n_train)}
     return {"arm": arm, "overrides": ARMS[arm]["overrides"], "seeds": seeds,
             "image_size": params.data.image_size, "base_channels": params.model.base_channels,
-            "epochs": params.train.epochs, "n_train": n_train, "rows": rows, "models": models}
+            "epochs": params.train.epochs, "n_train": n_train, "rows": rows, "models": models,
+            "baselines": {"anogan_epochs": params.anogan.epochs,
+                          "fanogan_epochs": params.fanogan.epochs,
+                          "fill_corners": params.preprocess.fill_corners}}
 
 
 def run_arm(root: Path, arm: str, seeds: list[int], folder: Path, patients: Path | None,
@@ -202,12 +215,15 @@ def summarise_arm(record: dict) -> dict:
     return {"arm": record["arm"], "overrides": record["overrides"], "commit": record["commit"],
             "seeds": record["seeds"], "epochs": record["epochs"],
             "image_size": record["image_size"], "base_channels": record["base_channels"],
-            "sparse_gan_train_tflops": models["sparse_gan"]["train_flops"] / 1e12,
+            "sparse_gan_train_tflops": (models["sparse_gan"]["train_flops"] / 1e12
+                                        if "sparse_gan" in models else None),
+            "baselines": record.get("baselines"),
             "train_flops": {m: v["train_flops"] for m, v in models.items()},
             "train_cpu_minutes": {m: _mean_sd([s / 60 for s in v["train_s"].values()])
                                   for m, v in models.items()},
             "wall_minutes": record["wall_s"] / 60,
             "val_auc": {r: _mean_sd(list(v.values())) for r, v in val.items()},
+            "val_auc_per_seed": val,
             "paired_val_auc": pairs, "val_auc_by_class": by_class}
 
 
@@ -226,6 +242,9 @@ def paper_epoch_tflops() -> float:
     return training_flops("sparse_gan", params, 224, PAPER_TRAIN_IMAGES, batch=2) / 1e12
 
 
+BASELINE_REFERENCE = "b_raw"
+
+
 def collect(out_dir: Path) -> dict:
     """``out_dir/results.{json,md}`` and ``scale.png`` from every ``out_dir/arms/*.json``, arms
     in :data:`ARMS` order."""
@@ -234,6 +253,14 @@ def collect(out_dir: Path) -> dict:
         raise SystemExit(f"{out_dir}/arms: no arm records; run `scripts/scale.py run` first")
     order = [a for a in ARMS if a in files] + sorted(set(files) - set(ARMS))
     arms = {a: summarise_arm(json.loads(files[a].read_text())) for a in order}
+    raw = arms.get(BASELINE_REFERENCE)
+    for a, s in arms.items():  # each baseline arm against the corners-in default, seed by seed
+        if raw is None or a == BASELINE_REFERENCE or s["sparse_gan_train_tflops"] is not None:
+            continue
+        s["paired_val_auc"] = {
+            f"{row}: {a} - {BASELINE_REFERENCE}": paired_over_seeds(
+                s["val_auc_per_seed"][row], raw["val_auc_per_seed"][row])
+            for row in BASELINE_ROWS if row in s["val_auc"] and row in raw["val_auc"]}
     result = {"what": "validation AUC on the real split (studies/real), 3 training seeds per arm "
                       "unless stated; test never scored", "arms": arms,
               "paper_epoch_tflops": paper_epoch_tflops()}
@@ -256,7 +283,8 @@ def markdown(result: dict) -> str:
              "| arm | epochs | size | width | Sparse-GAN TFLOPs | CPU min (SG / p2p / AE) | "
              + " | ".join(name for name, _, _ in PAIRS) + " |",
              "|---" * (5 + len(PAIRS)) + "|"]
-    for a, s in arms.items():
+    scale_arms = {a: s for a, s in arms.items() if s["sparse_gan_train_tflops"] is not None}
+    for a, s in scale_arms.items():
         cpu = s["train_cpu_minutes"]
         cells = []
         for name, _, _ in PAIRS:
@@ -283,6 +311,24 @@ def markdown(result: dict) -> str:
             lines.append(f"| {a} | {r} | " + " | ".join(
                 f"{by[c]['auc']:.3f} [{by[c]['low']:.3f}, {by[c]['high']:.3f}] (n={by[c]['n']})"
                 if c in by else "-" for c in DISEASES) + " |")
+    baseline_arms = {a: s for a, s in arms.items() if a not in scale_arms}
+    if baseline_arms:
+        lines += ["", f"The baselines' own arms (AnoGAN, f-AnoGAN): each against "
+                  f"`{BASELINE_REFERENCE}` (registration corners left in, default lengths), "
+                  "paired by seed.", "",
+                  "| arm | corners filled | AnoGAN / f-AnoGAN epochs | CPU min (AnoGAN / "
+                  "f-AnoGAN) | AnoGAN val AUC | f-AnoGAN val AUC | paired differences |",
+                  "|---|---|---|---|---|---|---|"]
+        for a, s in baseline_arms.items():
+            b, cpu, v = s["baselines"], s["train_cpu_minutes"], s["val_auc"]
+            diffs = "; ".join(f"{name}: {d['mean']:+.3f} ± {d['sd']:.3f} {d['wins']}/{d['n']}"
+                              for name, d in s["paired_val_auc"].items()) or "-"
+            lines.append(f"| {a} | {'yes' if b['fill_corners'] else 'no'} | "
+                         f"{b['anogan_epochs']} / {b['fanogan_epochs']} | "
+                         + " / ".join(f"{cpu[m]['mean']:.1f}" for m in BASELINE_ROWS if m in cpu)
+                         + " | " + " | ".join(f"{v[r]['mean']:.3f} ± {v[r]['sd']:.3f}"
+                                              if r in v else "-" for r in BASELINE_ROWS)
+                         + f" | {diffs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -295,7 +341,7 @@ def figure(result: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = result["arms"]
+    arms = {a: s for a, s in result["arms"].items() if s["sparse_gan_train_tflops"] is not None}
     length = [a for a, s in arms.items() if set(s["overrides"]) == {"train.epochs"}]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.5, 7), sharex=True,
                                       gridspec_kw={"height_ratios": [3, 2]})
