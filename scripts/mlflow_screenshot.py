@@ -81,8 +81,10 @@ def main() -> None:
                 if server.poll() is not None or time.time() > deadline:
                     raise SystemExit("mlflow ui did not start") from None
                 time.sleep(1)
+        # workflowType: the model-training view (a fresh browser profile opens the GenAI one)
         query = urllib.parse.urlencode({"runs": json.dumps(run_ids),
-                                        "experiments": json.dumps([exp_id])})
+                                        "experiments": json.dumps([exp_id]),
+                                        "workflowType": "machine_learning"})
         url = f"http://127.0.0.1:{port}/#/compare-runs?{query}"
         a.out.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu",

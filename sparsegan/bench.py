@@ -541,7 +541,7 @@ def markdown(r: dict) -> str:
             continue
         lines += ["", f"Per model, {title} ({t['size']}x{t['size']}, base width "
                       f"{t['base_channels']}, training batch {t['batch']}); FLOP/s as a share of "
-                      f"the measured fp32 matmul rate:", "",
+                      f"the best measured fp32 rate ({peak_name}, {peak:.0f} GFLOP/s):", "",
                   "| model | GFLOP/image (train step) | train FLOP/s / best fp32 rate | "
                   "train img/s | inference img/s | inference / train speed | peak memory MB |",
                   "|---|---|---|---|---|---|---|"]

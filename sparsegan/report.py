@@ -56,8 +56,8 @@ def build_report(params: Params, processed_dir: Path, scores_root: Path, models_
         import mlflow
 
         from .serving import set_champion
-        from .tracking import start_pipeline_run
-        with start_pipeline_run():
+        from .tracking import start_pipeline_run, ui_url
+        with start_pipeline_run() as run:
             # every param and every row's AUCs on the parent: two experiments compared side
             # by side in the UI show the param that differs and each row's numbers
             mlflow.log_params(flatten(params))
@@ -75,4 +75,5 @@ def build_report(params: Params, processed_dir: Path, scores_root: Path, models_
                                      for r, res in results.items()})
             if champion:
                 mlflow.set_tag("champion", f"{champion[0]} s{champion[1]}")
+        print(f"[report] compare runs: `mlflow ui`, then {ui_url(run.info.experiment_id)}")
     return results

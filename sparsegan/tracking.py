@@ -16,8 +16,10 @@ local store (unset ``MLFLOW_TRACKING_URI``).
 A new sqlite store is created, and the experiment selected, under a file lock beside the database
 (``mlflow.db.lock``): two experiments started at once from a fresh clone (``dvc queue start -j
 2``) would otherwise both run MLflow's schema migration and one would crash. The experiment is
-tagged ``mlflow.experimentKind = custom_model_development`` so that ``mlflow ui`` opens on its
-training runs.
+tagged ``mlflow.experimentKind = custom_model_development``, but MLflow 3.17's UI keeps the
+GenAI / model-training toggle in the browser and opens a fresh profile in the GenAI view
+regardless (3.18.0 too, tried with its packages forced in); the URL parameter
+``workflowType=machine_learning`` selects the model-training view, so :func:`ui_url` carries it.
 """
 
 from __future__ import annotations
@@ -123,6 +125,12 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
 def _sqlite_path(uri: str) -> Path | None:
     path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
     return Path(path).expanduser() if path and path != ":memory:" else None
+
+
+def ui_url(experiment_id: str, port: int = 5000) -> str:
+    """The ``mlflow ui`` page of the experiment's runs, in the model-training view."""
+    return (f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+            "?workflowType=machine_learning")
 
 
 def open_experiment(uri: str):

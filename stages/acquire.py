@@ -3,6 +3,9 @@
 import sys
 from pathlib import Path
 
+# this checkout's package, not an installed one: `dvc exp run --temp` runs a copy of the repo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from sparsegan.cli import run_stage
 from sparsegan.data.sources import acquire
 from sparsegan.params import load_params

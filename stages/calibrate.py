@@ -1,6 +1,10 @@
 """Stage calibrate@<row>: phi of every seed's trained model from validation scores only (eq. 5)."""
 
 import sys
+from pathlib import Path
+
+# this checkout's package, not an installed one: `dvc exp run --temp` runs a copy of the repo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsegan import layout
 from sparsegan.cli import run_stage

@@ -3,6 +3,9 @@
 import sys
 from pathlib import Path
 
+# this checkout's package, not an installed one: `dvc exp run --temp` runs a copy of the repo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from sparsegan import layout
 from sparsegan.cli import run_stage
 from sparsegan.data.preprocess import preprocess_all

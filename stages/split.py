@@ -5,6 +5,9 @@ from pathlib import Path
 
 import pandas as pd
 
+# this checkout's package, not an installed one: `dvc exp run --temp` runs a copy of the repo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from sparsegan.cli import run_stage
 from sparsegan.data.split import make_splits, write_splits
 from sparsegan.params import load_params

@@ -7,8 +7,12 @@ gloo processes on CPU) unless it already runs under torchrun; see ``sparsegan/di
 
 import os
 import sys
+from pathlib import Path
 
 import torch
+
+# this checkout's package, not an installed one: `dvc exp run --temp` runs a copy of the repo
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsegan import distributed, layout
 from sparsegan.cli import StageError, run_stage

@@ -59,12 +59,13 @@ def _copy_repo(work: Path, params: dict) -> None:
 
 
 def _repro(work: Path) -> None:
-    """A git repository with a first commit and DVC in ``work``, then ``dvc repro``."""
+    """A git repository with a first commit and DVC in ``work``, then ``dvc repro`` (its output
+    in ``work/repro.log``)."""
     _run(["git", "init", "-q"], work)
     _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
           "-m", "init"], work)
     _run([sys.executable, "-m", "dvc", "init", "-q"], work)
-    _run([sys.executable, "-m", "dvc", "repro"], work)
+    (work / "repro.log").write_text(_run([sys.executable, "-m", "dvc", "repro"], work))
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +154,9 @@ def test_mlflow_runs_parent_children_and_numbers(pipeline: Path):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sparse-gan-oct")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # the report names the page of these runs in the model-training view
+    assert (f"127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+            in (pipeline / "repro.log").read_text())
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     (parent,) = parents  # one parent run per pipeline run

@@ -164,3 +164,24 @@ def test_what_runs_after_training_never_imports_the_trainer(stage):
     for module in ("predict", "serving", "screening"):
         files = {str(p.relative_to(ROOT)) for p in closure(ROOT / PKG / f"{module}.py")}
         assert "sparsegan/train.py" not in files and "sparsegan/distributed.py" not in files
+
+
+@pytest.mark.parametrize("stage", sorted(p.stem for p in (ROOT / "stages").glob("*.py")))
+def test_a_stage_runs_the_code_of_its_own_checkout(tmp_path, stage):
+    """DVC hashes the code of the checkout a stage runs in (``dvc exp run --temp``: a copy of
+    the repository), so the stage must import that copy, not the package installed from
+    another checkout: a copy whose ``sparsegan`` says where it is loaded from."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    for name in ("sparsegan", "stages"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    init = tmp_path / PKG / "__init__.py"
+    init.write_text(init.read_text() + "\nimport sys\nprint('sparsegan from', __file__, "
+                    "file=sys.stderr)\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, f"stages/{stage}.py", "x", "y", "z", "w"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert f"sparsegan from {tmp_path / PKG / '__init__.py'}" in proc.stderr, proc.stderr[-2000:]
