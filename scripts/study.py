@@ -2,7 +2,7 @@
 
     python scripts/study.py run --study synthetic --seeds 0 1 2        # make study
     python scripts/study.py groups --folder ../shared/oct_real        # studies/real/patients.csv
-    python scripts/study.py run --folder ../shared/oct_real --seeds 0 1 2 -S train.epochs=60
+    python scripts/study.py run --folder ../shared/oct_real --seeds 0 1 2   # + studies/real/recipe.yaml
     python scripts/study.py collect --study real                      # results.json / results.md
 """
 

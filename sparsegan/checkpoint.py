@@ -79,7 +79,8 @@ def load_trusted(path: Path, what: str, keys: tuple[str, ...],
 
 
 
-MODEL_FORMAT = 4  # 4: runtime settings apart (not stored); 3: one file per (model, seed)
+MODEL_FORMAT = 5  # 5: its own preprocessing variant; 4: runtime settings apart (not stored);
+                  # 3: one file per (model, seed)
 
 
 class Trained(NamedTuple):
@@ -110,7 +111,7 @@ def stored_params(model: str, params: Params) -> dict:
     scans must get. Nothing else, so that a param it never read (``train.lambda_sp`` for the
     Auto-Encoder) cannot change its bytes; the rest takes the defaults when it is rebuilt."""
     full = dataclasses.asdict(params)
-    out: dict = {"preprocess": full["preprocess"]}
+    out: dict = {"preprocess": {"variant": {model: full["preprocess"]["variant"][model]}}}
     for read in TRAIN_READS[model]:
         section, _, key = read.partition(".")
         if key:

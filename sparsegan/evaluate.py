@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from .layout import SETTINGS, calibration_file, model_dir, run_file, scores_dir
+from .layout import SETTINGS, calibration_file, model_dir, processed_dir, run_file, scores_dir
 from .metrics import MAP_NAMES, aggregate_patients, detection_metrics, pixel_auroc, roc_table
 from .params import Params, check_row
 from .spec import TABLE1_ROWS
@@ -147,16 +147,18 @@ def _log_to_mlflow(row: str, model: str, seed: int, model_dir: Path, metrics: di
             log_screening_model(model_dir, read_config(calibration_file, settings_file), example)
 
 
-def evaluate_row(row: str, params: Params, processed_dir: Path, scores_root: Path,
+def evaluate_row(row: str, params: Params, processed_root: Path, scores_root: Path,
                  models_root: Path, row_dir: Path, log_mlflow: bool = True,
                  n_boot: int = 1000) -> dict:
     """Stage evaluate@<row>: :func:`seed_metrics` of every seed of ``params.seeds`` (scores
     ``scores_root/<model>/s<seed>/<score>/``, phi from ``row_dir/calibration/s<seed>.json``),
     summarised over the seeds (:func:`summarize_seeds`) into ``row_dir/metrics.json``, and the
     ROC tables of all seeds in ``row_dir/roc.csv``; each seed also logged to MLflow with its
-    screening model."""
+    screening model. The lesion masks and the example scan come from the processed variant of
+    the row's model, under ``processed_root``."""
     model, score = check_row(row, params)
-    masks_path = processed_dir / "test_masks.npy"
+    processed = processed_dir(params.preprocess.variant_of(model), processed_root)
+    masks_path = processed / "test_masks.npy"
     test_masks = np.load(masks_path, mmap_mode="r") if masks_path.exists() else None
     per_seed, rocs = {}, []
     for seed in params.seeds:
@@ -169,7 +171,7 @@ def evaluate_row(row: str, params: Params, processed_dir: Path, scores_root: Pat
         if log_mlflow:
             _log_to_mlflow(row, model, seed, model_dir(model, seed, models_root), metrics,
                            cal_file, scores_dir(model, seed, scores_root) / SETTINGS,
-                           processed_dir)
+                           processed)
     summary = summarize_seeds(per_seed)
     row_dir.mkdir(parents=True, exist_ok=True)
     (row_dir / "metrics.json").write_text(json.dumps(summary, indent=1))

@@ -78,6 +78,7 @@ class RowFiles(NamedTuple):
     history: Path  # models/<model>/s<seed>/history.json
     roc: Path  # reports/rows/<row>/roc.csv (every seed, column ``seed``)
     metrics: Path  # reports/rows/<row>/metrics.json (``seeds`` -> per-seed metrics)
+    processed: Path | None = None  # data/processed/<variant of the row's model>/ (test.npy, masks)
 
 
 def _seed_metrics(files: RowFiles) -> dict:
@@ -402,8 +403,7 @@ def aam_gallery(title: str, processed_dir: Path, scores_dir: Path, calibration: 
 # ----------------------------------------------------------------------------- all
 
 
-def _row_figures(row: str, files: RowFiles, processed_dir: Path, out_dir: Path,
-                 per_group: int) -> list[Path]:
+def _row_figures(row: str, files: RowFiles, out_dir: Path, per_group: int) -> list[Path]:
     """The figures of one row (see :func:`make_figures`)."""
     made: list[Path] = []
     calibration = _read_json(files.calibration)
@@ -416,18 +416,19 @@ def _row_figures(row: str, files: RowFiles, processed_dir: Path, out_dir: Path,
     history = _read_json(files.history)
     if history:
         made.append(loss_curves(title, history, out_dir / row / "losses.png"))
-    if calibration is not None and has_scores:
-        made.extend(aam_gallery(title, processed_dir, scores_dir, calibration,
+    if calibration is not None and has_scores and files.processed is not None:
+        made.extend(aam_gallery(title, files.processed, scores_dir, calibration,
                                 out_dir / row / "gallery.png", per_group=per_group))
     return made
 
 
-def make_figures(rows: dict[str, RowFiles], processed_dir: Path, out_dir: Path,
-                 per_group: int = 3, workers: int = 0) -> dict[str, list[Path]]:
+def make_figures(rows: dict[str, RowFiles], out_dir: Path, per_group: int = 3,
+                 workers: int = 0) -> dict[str, list[Path]]:
     """Every figure into ``out_dir``: ``roc.png`` (key ``"overview"``), and per row (key = the
     row) ``<row>/scores.png``, ``<row>/losses.png`` (when its model's ``history.json`` exists),
     ``<row>/gallery.png`` and ``<row>/gallery_errors.png``, each of the seed ``files.seed``. A
-    row without its calibration or scores gets only the figures its files allow.
+    row without its calibration, scores or ``files.processed`` (the scans its model saw) gets
+    only the figures its files allow.
 
     The rows are drawn in ``workers`` processes (0: one per core, at most one per row): matplotlib
     renders while holding the GIL, so threads would not run them side by side."""
@@ -435,19 +436,19 @@ def make_figures(rows: dict[str, RowFiles], processed_dir: Path, out_dir: Path,
     import multiprocessing
     import os
 
-    processed_dir, out_dir = Path(processed_dir), Path(out_dir)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: dict[str, list[Path]] = {"overview": [roc_overlay(rows, out_dir / "roc.png")]}
     workers = min(workers or os.cpu_count() or 1, len(rows))
     if workers <= 1:
-        figures.update({row: _row_figures(row, files, processed_dir, out_dir, per_group)
+        figures.update({row: _row_figures(row, files, out_dir, per_group)
                         for row, files in rows.items()})
         return figures
     # spawn, not fork: the parent may hold torch's thread pools, which a forked child inherits
     # in a broken state
     with concurrent.futures.ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = {row: pool.submit(_row_figures, row, files, processed_dir, out_dir, per_group)
+        jobs = {row: pool.submit(_row_figures, row, files, out_dir, per_group)
                 for row, files in rows.items()}
         figures.update({row: job.result() for row, job in jobs.items()})
     return figures

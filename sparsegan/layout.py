@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PROCESSED = Path("data/processed")  # preprocess: <split>.npy / .csv (+ masks)
+PROCESSED = Path("data/processed")  # preprocess: <variant>/<split>.npy / .csv (+ masks)
 MODELS = Path("models")  # train: <model>/s<seed>/{model.pt,history.json}
 CHECKPOINTS = Path("checkpoints")  # train, while it runs: <model>/s<seed>/checkpoint.pt
 SCORES = Path("scores")  # score: <model>/s<seed>/{settings.json,<score>/{val,test}.csv,...}
@@ -40,3 +40,14 @@ def run_file(stage: str, model: str, seed: int, root: Path = RUNS) -> Path:
 
 def calibration_file(row: str, seed: int, root: Path = ROWS) -> Path:
     return Path(root) / row / "calibration" / f"s{seed}.json"
+
+
+# The variants of the preprocessed data (the preprocess stage makes both, one DVC output each):
+# raw as decoded and resized; filled with the white registration corners filled (param
+# preprocess.variant.<model> picks one per model).
+VARIANTS = ("raw", "filled")
+
+
+def processed_dir(variant: str, root: Path = PROCESSED) -> Path:
+    """``data/processed/<variant>``: the arrays a model of that variant trains and scores on."""
+    return Path(root) / variant

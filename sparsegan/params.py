@@ -19,6 +19,7 @@ import yaml
 
 # The trained models and what follows from them: one place, sparsegan/spec.py.
 from .spec import DEFAULT_ROWS, MODEL_SCORES, MODEL_SPECS, MODELS
+from .layout import VARIANTS
 
 CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
 DISEASES = ("CNV", "DME", "DRUSEN")
@@ -143,12 +144,28 @@ def encoder_blocks(image_size: int) -> int | None:
     return n if n >= 1 and image_size % (2**n) == 0 else None
 
 
+# preprocess.variant: the processed data each model trains and scores on (sparsegan.layout.VARIANTS:
+# raw, or filled = white registration corners filled with background, data/preprocess.py). raw by
+# default; the real-data recipe fills them for AnoGAN and f-AnoGAN, which gained 0.10 validation
+# AUC from it, while every reconstruction model scored higher on raw scans (docs/results.md).
+VariantParams = dataclasses.make_dataclass(
+    "VariantParams", [(m, str, _check(choices=VARIANTS, default="raw")) for m in MODELS],
+    frozen=True, namespace={"__module__": __name__,
+                            "__doc__": "The preprocessed variant of each model (one key per model)."})
+
+
 @dataclass(frozen=True)
 class PreprocessParams:
     workers: int = _check(ge=0, default=0)  # 0: all cores
-    # fill white registration corners with background (data/preprocess.py: fill_corners); off by
-    # default: on real validation scans every reconstruction model scored higher without it
-    fill_corners: bool = False
+    variant: VariantParams = field(default_factory=VariantParams)
+
+    def variant_of(self, model: str) -> str:
+        """The processed variant ``model`` trains and scores on (``data/processed/<variant>``)."""
+        return getattr(self.variant, model)
+
+    def fills_corners(self, model: str) -> bool:
+        """Whether ``model``'s scans get their registration corners filled."""
+        return self.variant_of(model) == "filled"
 
 
 @dataclass(frozen=True)
@@ -376,8 +393,11 @@ def check_seed(seed: str | int) -> int:
     return value
 
 
-# Keys of an earlier layout -> where they are now.
-MOVED = {f"train.{k}": f"runtime.{k}" for k in ("device", "num_threads", "compile", "nproc_per_node")}
+# Keys of an earlier layout -> where they are now, and why.
+MOVED = {f"train.{k}": (f"runtime.{k}", "the runtime settings have their own section")
+         for k in ("device", "num_threads", "compile", "nproc_per_node")} | {
+    "preprocess.fill_corners": ("preprocess.variant.<model>: raw | filled",
+                                "each model has its own preprocessing")}
 
 
 def _parse(cls: type, raw: Any, prefix: str) -> Any:
@@ -390,8 +410,8 @@ def _parse(cls: type, raw: Any, prefix: str) -> Any:
         where = f"{prefix}." if prefix else ""
         moved = MOVED.get(f"{where}{unknown[0]}")
         if moved:
-            raise ParamError(f"params.yaml: {where}{unknown[0]} is now {moved} (the runtime "
-                             f"settings have their own section); move it there")
+            raise ParamError(f"params.yaml: {where}{unknown[0]} is now {moved[0]} "
+                             f"({moved[1]}); move it there")
         raise ParamError(f"params.yaml: unknown key {where}{unknown[0]}: allowed keys are "
                          f"{', '.join(fields)}")
     values = {}

@@ -22,8 +22,8 @@ Every frame of a DICOM file (e.g. an Ophthalmic Tomography volume) is one B-scan
 (:mod:`sparsegan.data.dicom`); its rows carry the 1-based ``frame``. Any size and mode is accepted and converted exactly as in training
 (:func:`sparsegan.data.preprocess.load_gray`: RGB -> luma, alpha composited on black, 16-bit
 stretched from its own min..max, resized to the model's image size without keeping the aspect
-ratio, white registration corners filled when the model was trained with
-``preprocess.fill_corners`` on).
+ratio, white registration corners filled when the model was trained on the ``filled`` variant,
+``preprocess.variant.<model>``).
 
 Writes into ``--out``:
 
@@ -421,6 +421,7 @@ def predict(args: argparse.Namespace) -> int:
         source = folder / "model.pt"
     screener = Screener(model, cfg)
     phi, row, size, params = screener.phi, cfg["row"], model.image_size, model.params
+    corners = params.preprocess.fills_corners(model.model)
     warning = screener.warning()
     if warning:
         print(f"warning: {source} was {warning}", file=sys.stderr)
@@ -448,7 +449,7 @@ def predict(args: argparse.Namespace) -> int:
             images, ok = [], []
             for item in batch:
                 try:
-                    images.append(load_item(item, size, params.preprocess.fill_corners, frames))
+                    images.append(load_item(item, size, corners, frames))
                     ok.append(item)
                 except SkipImage as exc:
                     fail(str(item.path), str(exc))

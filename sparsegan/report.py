@@ -16,7 +16,7 @@ from pathlib import Path
 from .evaluate import PAPER_TABLE1, compare_to_reference, summarize
 from .figures import RowFiles, make_figures
 from .html_report import write_index
-from .layout import calibration_file, model_dir, scores_dir
+from .layout import calibration_file, model_dir, processed_dir, scores_dir
 from .params import Params
 from .tracking import _git, flatten
 
@@ -26,17 +26,18 @@ ROW_METRICS = ("val_auc", "test_auc", "test_accuracy", "test_sensitivity", "test
                "test_patient_auc")
 
 
-def row_files(params: Params, row: str, seed: int, scores_root: Path, models_root: Path,
-              rows_dir: Path) -> RowFiles:
+def row_files(params: Params, row: str, seed: int, processed_root: Path, scores_root: Path,
+              models_root: Path, rows_dir: Path) -> RowFiles:
     """Where the files of ``row``'s model of ``seed`` are (the layout of dvc.yaml)."""
     model, score = params.rows[row]
     return RowFiles(seed=seed, scores=scores_dir(model, seed, scores_root) / score,
                     calibration=calibration_file(row, seed, rows_dir),
                     history=model_dir(model, seed, models_root) / "history.json",
-                    roc=rows_dir / row / "roc.csv", metrics=rows_dir / row / "metrics.json")
+                    roc=rows_dir / row / "roc.csv", metrics=rows_dir / row / "metrics.json",
+                    processed=processed_dir(params.preprocess.variant_of(model), processed_root))
 
 
-def build_report(params: Params, processed_dir: Path, scores_root: Path, models_root: Path,
+def build_report(params: Params, processed_root: Path, scores_root: Path, models_root: Path,
                  rows_dir: Path, reports_root: Path, log_mlflow: bool = True) -> dict:
     rows = list(params.rows)
     results = summarize(rows, rows_dir, reports_root)
@@ -44,8 +45,9 @@ def build_report(params: Params, processed_dir: Path, scores_root: Path, models_
         results[other].update({f"vs_sparse_gan_{k}": v for k, v in cmp.items()})
     (reports_root / "metrics.json").write_text(json.dumps(results, indent=1))
     first = params.seeds[0]
-    figures = make_figures({r: row_files(params, r, first, scores_root, models_root, rows_dir)
-                            for r in rows}, processed_dir, reports_root / "figures")
+    figures = make_figures({r: row_files(params, r, first, processed_root, scores_root,
+                                         models_root, rows_dir) for r in rows},
+                           reports_root / "figures")
     provenance = {"seeds": ", ".join(map(str, params.seeds)),
                   "figures": f"seed {first}", "data.source": params.data.source,
                   "image size": params.data.image_size, "split": params.data.split.protocol,

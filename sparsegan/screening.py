@@ -91,7 +91,7 @@ class Screener:
         from .data.preprocess import load_gray
 
         m = self.trained
-        return load_gray(path, m.image_size, m.params.preprocess.fill_corners)
+        return load_gray(path, m.image_size, m.params.preprocess.fills_corners(m.model))
 
     def score(self, images: np.ndarray, device=None):
         """The row's :class:`sparsegan.scoring.ScoreOutput` for uint8 scans ``(N, S, S)``."""

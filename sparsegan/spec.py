@@ -116,7 +116,7 @@ TRAIN_DEPS = ("stages/train.py", "sparsegan/checkpoint.py", "sparsegan/cli.py",
               "sparsegan/data/__init__.py", "sparsegan/data/dataset.py",
               "sparsegan/distributed.py", "sparsegan/layout.py", "sparsegan/models",
               "sparsegan/params.py", "sparsegan/spec.py", "sparsegan/tracking.py",
-              "sparsegan/train.py", "data/processed")
+              "sparsegan/train.py")
 SCORE_DEPS = ("stages/score.py", "sparsegan/anomaly.py", "sparsegan/checkpoint.py",
               "sparsegan/cli.py", "sparsegan/data/__init__.py", "sparsegan/data/dataset.py",
               "sparsegan/layout.py", "sparsegan/metrics.py", "sparsegan/models",
@@ -126,21 +126,22 @@ SCORE_DEPS = ("stages/score.py", "sparsegan/anomaly.py", "sparsegan/checkpoint.p
 
 def spec_stages_yaml(specs: tuple[ModelSpec, ...] = MODEL_SPECS) -> str:
     """The stages of ``dvc.yaml`` that list the models, between :data:`BEGIN` and :data:`END`:
-    ``train_<model>`` per model (a matrix over ``seeds``, listing ``runtime`` and exactly the
+    ``train_<model>`` per model (a matrix over ``seeds``, listing ``runtime``, its processed
+    variant ``preprocess.variant.<model>`` (whose folder is its data dependency) and exactly the
     params of its ``reads``, so that ``-S train.lambda_sp=50`` re-trains sparse_gan only; one
     stage per model since DVC cannot interpolate a list of params per matrix item), and
-    ``score``, a matrix over (model, seed). Each stage's run record (timings, MLflow run:
+    ``score``, a matrix over (model, seed) that reads its model's variant (its dependency is
+    ``data/processed``, both variants: DVC cannot look a param up by the matrix item). Each stage's run record (timings, MLflow run:
     :data:`sparsegan.layout.RUNS`) is a cached metrics file, apart from its output: a
     ``cache: false`` output would turn DVC's run-cache off for the stage."""
     lines = [BEGIN]
-    for i, s in enumerate(specs):
+    for s in specs:
+        variant = f"preprocess.variant.{s.name}"
         lines += [f"  train_{s.name}:", "    matrix:", "      seed: ${seeds}",
-                  f"    cmd: python stages/train.py {s.name} ${{item.seed}}"]
-        if i == 0:
-            lines += ["    deps: &train_deps"] + [f"      - {d}" for d in TRAIN_DEPS]
-        else:
-            lines += ["    deps: *train_deps"]
-        lines += ["    params:", "      - runtime"] + [f"      - {r}" for r in s.reads]
+                  f"    cmd: python stages/train.py {s.name} ${{item.seed}}", "    deps:"]
+        lines += [f"      - {d}" for d in TRAIN_DEPS] + [f"      - data/processed/${{{variant}}}"]
+        lines += ["    params:", "      - runtime", f"      - {variant}"]
+        lines += [f"      - {r}" for r in s.reads]
         lines += ["    outs:", f"      - models/{s.name}/s${{item.seed}}",
                   "    metrics:  # the run (timings, MLflow run), apart from the model",
                   f"      - reports/runs/train/{s.name}-s${{item.seed}}.json", ""]
@@ -165,6 +166,22 @@ def write_dvc_yaml(path: Path) -> bool:
     return new != text
 
 
+def missing_variants(params_file: Path, specs: tuple[ModelSpec, ...] = MODEL_SPECS) -> list[str]:
+    """The models without ``preprocess.variant.<model>`` in ``params_file``: DVC resolves each
+    train stage's data folder from that key, so a model added without it stops ``dvc repro``."""
+    import yaml
+
+    raw = yaml.safe_load(Path(params_file).read_text()) if Path(params_file).is_file() else {}
+    variant = ((raw or {}).get("preprocess") or {}).get("variant") or {}
+    return [s.name for s in specs if s.name not in variant]
+
+
 if __name__ == "__main__":
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("dvc.yaml")
     print(f"{target}: {'updated' if write_dvc_yaml(target) else 'already up to date'}")
+    params_file = target.with_name("params.yaml")
+    missing = missing_variants(params_file)
+    if missing:
+        raise SystemExit(f"error: {params_file}: add " + ", ".join(
+            f"preprocess.variant.{m}: raw" for m in missing) + " (raw | filled: the processed "
+            "data its train stage reads)")

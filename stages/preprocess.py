@@ -1,4 +1,5 @@
-"""Stage 3: grayscale, resize to data.image_size, uint8 arrays per split (+ lesion masks)."""
+"""Stage 3: grayscale, resize to data.image_size, uint8 arrays per split (+ lesion masks), in
+both variants: data/processed/raw and data/processed/filled (registration corners filled)."""
 
 import sys
 from pathlib import Path
@@ -8,14 +9,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsegan import layout
 from sparsegan.cli import run_stage
-from sparsegan.data.preprocess import preprocess_all
+from sparsegan.data.preprocess import preprocess_variants
 from sparsegan.params import load_params
 
 
 def main(splits_dir: str = "data/splits", out_dir: str = "data/processed") -> None:
     params = load_params()
-    preprocess_all(Path(splits_dir), Path(out_dir), params.data.image_size, params.preprocess.workers,
-                   params.preprocess.fill_corners, timing_file=layout.RUNS / "preprocess.json")
+    preprocess_variants(Path(splits_dir), Path(out_dir), params.data.image_size,
+                        params.preprocess.workers, timing_file=layout.RUNS / "preprocess.json")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ def main(model: str, seed: str) -> None:
     params = load_params()
     where = layout.seed_dir(check_model(model), check_seed(seed))
     score_model(model, int(seed), params.score, params.runtime.score_batch, params.runtime.device,
-                layout.PROCESSED, layout.MODELS / where, layout.SCORES / where,
+                layout.processed_dir(params.preprocess.variant_of(model)), layout.MODELS / where,
+                layout.SCORES / where,
                 run_file=layout.run_file("score", model, int(seed)))
 
 

@@ -38,7 +38,8 @@ def main(model: str, seed: str) -> None:
             sys.exit(code if 0 < code < 256 else 1)
         return
     where = layout.seed_dir(model, seed_value)
-    train_model(model, seed_value, params, layout.PROCESSED, layout.MODELS / where,
+    train_model(model, seed_value, params,
+                layout.processed_dir(params.preprocess.variant_of(model)), layout.MODELS / where,
                 layout.CHECKPOINTS / where, run_file=layout.run_file("train", model, seed_value))
 
 

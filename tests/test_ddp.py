@@ -50,7 +50,7 @@ N_TRAIN = 24  # 3 global batches of 8 per epoch, 6 optimizer steps of G and of D
 
 
 def _processed(root: Path) -> Path:
-    out = root / "data" / "processed"
+    out = root / "data" / "processed" / "raw"  # the variant every model reads by default
     out.mkdir(parents=True)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:32, :32] / 32

@@ -433,5 +433,5 @@ def test_model_file_rebuilds_its_detector_whatever_the_current_params(tmp_path):
     for a, b in zip(m.detector.state_dict().values(), detector.state_dict().values()):
         assert torch.equal(a, b)
     stored = torch.load(tmp_path / "anogan" / "model.pt", weights_only=True)
-    assert stored["format"] == 4 and stored["name"] == "anogan" and "score" not in stored["params"]
+    assert stored["format"] == 5 and stored["name"] == "anogan" and "score" not in stored["params"]
     assert "runtime" not in stored["params"]  # where it ran is not what it learnt

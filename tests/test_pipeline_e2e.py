@@ -213,6 +213,20 @@ def test_a_scoring_change_rescores_without_retraining(pipeline: Path):
     assert not any(stage.startswith("score@") for stage in _status(pipeline))
 
 
+def test_a_models_processed_variant_re_trains_that_model_only(pipeline: Path):
+    """preprocess.variant.anogan=filled: AnoGAN trains on data/processed/filled (already made by
+    the preprocess stage, which does not re-run); no other model is out of date."""
+    _set(pipeline, "preprocess.variant", "anogan", "filled")
+    status = _status(pipeline)
+    assert set(status) == {"train_anogan@0", "train_anogan@1"}, status
+    lock = yaml.safe_load((pipeline / "dvc.lock").read_text())["stages"]
+    filled = next(o for o in lock["preprocess"]["outs"] if o["path"] == "data/processed/filled")
+    raw = next(o for o in lock["preprocess"]["outs"] if o["path"] == "data/processed/raw")
+    assert filled["md5"] != raw["md5"]  # the synthetic scans have registration corners
+    _set(pipeline, "preprocess.variant", "anogan", "raw")
+    assert not _status(pipeline)
+
+
 def test_changing_lambda_sp_reruns_only_sparse_gan(pipeline: Path):
     _set(pipeline, "train", "lambda_sp", 5.0)
     status = _status(pipeline)
@@ -304,6 +318,14 @@ def toy(tmp_path_factory) -> Path:
     text = (work / "sparsegan/spec.py").read_text()
     (work / "sparsegan/spec.py").write_text(text.replace("\n)\n\n# Table 1", "\n" + TOY_SPEC
                                                          + "\n# Table 1", 1))
+    # the spec command names the one params.yaml key DVC needs for it, then writes its stages
+    proc = subprocess.run([sys.executable, "-m", "sparsegan.spec"], cwd=work, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(work)})
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        "error: params.yaml: add preprocess.variant.toy: raw (raw | filled: the processed data "
+        "its train stage reads)"), proc.stderr
+    params["preprocess"]["variant"]["toy"] = "raw"
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run([sys.executable, "-m", "sparsegan.spec"], work)
     _repro(work)
     return work
@@ -311,7 +333,8 @@ def toy(tmp_path_factory) -> Path:
 
 def test_a_model_added_through_the_spec_is_trained_scored_calibrated_evaluated_reported(toy):
     spec = yaml.safe_load((toy / "dvc.yaml").read_text())["stages"]
-    assert spec["train_toy"]["params"] == ["runtime", "train.batch_size", "toy"]
+    assert spec["train_toy"]["params"] == ["runtime", "preprocess.variant.toy", "train.batch_size",
+                                           "toy"]
     assert "toy" in spec["score"]["matrix"]["model"]
     history = json.loads((toy / "models/toy/s0/history.json").read_text())
     assert [h["phase"] for h in history] == ["fit", "fit"]  # params.yaml's toy.epochs

@@ -400,7 +400,7 @@ def test_predict_needs_no_params_yaml_and_uses_the_models_preprocessing(repo, tm
                                                                         monkeypatch, capsys):
     """Run from a folder without params.yaml: everything comes from model.pt, including the
     corner filling the model was trained with (a white wedge is filled only for such a model):
-    the same weights, stored once with preprocess.fill_corners off and once on."""
+    the same weights, stored once as trained on the raw variant and once on the filled one."""
     monkeypatch.chdir(tmp_path)
     assert not (tmp_path / "params.yaml").exists()
     img = scan(90, 70, 1)
@@ -410,8 +410,8 @@ def test_predict_needs_no_params_yaml_and_uses_the_models_preprocessing(repo, tm
     scores = {}
     for fill in (False, True):
         state = torch.load(model_pt(repo), weights_only=True)
-        assert state["params"]["preprocess"]["fill_corners"] is False
-        state["params"]["preprocess"]["fill_corners"] = fill
+        assert state["params"]["preprocess"] == {"variant": {"sparse_gan": "raw"}}
+        state["params"]["preprocess"]["variant"]["sparse_gan"] = "filled" if fill else "raw"
         models = tmp_path / f"models{int(fill)}"
         (models / "sparse_gan" / f"s{SEEDS[0]}").mkdir(parents=True)
         torch.save(state, models / "sparse_gan" / f"s{SEEDS[0]}" / "model.pt")

@@ -310,6 +310,37 @@ def test_preprocess_fills_corners_only_when_asked_and_counts_them(tmp_path):
     assert np.array_equal(load_gray(paths[0], 32, corners=True), a_on[0, 0])  # predict's path
 
 
+def test_the_stage_makes_both_variants_and_filled_equals_decoding_with_corners_on(tmp_path):
+    """data/processed/{raw,filled}: filled is derived from raw's arrays, byte for byte what
+    decoding with the corners filled gives; the CSVs, masks and skip list are raw's."""
+    from sparsegan.data.preprocess import preprocess_variants
+
+    paths = [save(scan_with_wedge(), tmp_path / "w.png"),
+             save(scan_with_wedge(wedge=False), tmp_path / "c.png")]
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    for name in ("train", "val", "test"):
+        pd.DataFrame({"path": paths + [str(tmp_path / "missing.png")], "label": 0,
+                      "class": "NORMAL", "patient": ["1", "2", "3"], "mask": ""}
+                     ).to_csv(splits / f"{name}.csv", index=False)
+    out = tmp_path / "processed"
+    summaries = preprocess_variants(splits, out, 32, workers=1, timing_file=tmp_path / "t.json")
+    preprocess_all(splits, tmp_path / "decoded_filled", 32, workers=1, corners=True)
+    for name in ("train", "val", "test"):
+        raw, filled = (np.load(out / v / f"{name}.npy") for v in ("raw", "filled"))
+        assert raw.shape == (2, 1, 32, 32) and raw[0, 0, 0, 0] == 255 and filled[0, 0, 0, 0] < 60
+        assert np.array_equal(raw[1], filled[1])  # nothing to fill: unchanged
+        assert (out / "filled" / f"{name}.npy").read_bytes() == \
+            (tmp_path / "decoded_filled" / f"{name}.npy").read_bytes()
+        assert (out / "filled" / f"{name}.csv").read_bytes() == (out / "raw" / f"{name}.csv").read_bytes()
+        assert summaries["filled"]["splits"][name]["corners_filled"] == 1
+    assert summaries["raw"]["fill_corners"] is False and summaries["filled"]["fill_corners"] is True
+    assert len(pd.read_csv(out / "filled" / "skipped.csv")) == 3  # the missing file, per split
+    timing = json.loads((tmp_path / "t.json").read_text())
+    assert timing["total_seconds"] >= timing["fill_seconds"] >= 0
+    assert "seconds" not in json.loads((out / "filled" / "summary.json").read_text())
+
+
 def test_jpeg_grain_does_not_depend_on_whether_the_height_divides_exactly(tmp_path):
     """A 512x512 JPEG is DCT-scaled to exactly 64 px and would skip the antialiased resize that
     smooths a 512x496 one (62 px, upsampled): the same texture must come out equally grainy."""

@@ -65,7 +65,8 @@ def _files(root: Path, row: str) -> RowFiles:
     return RowFiles(seed=0, scores=root / "scores" / row / "s0" / "score",
                     calibration=row_dir / "calibration" / "s0.json",
                     history=root / "models" / row / "s0" / "history.json",
-                    roc=row_dir / "roc.csv", metrics=row_dir / "metrics.json")
+                    roc=row_dir / "roc.csv", metrics=row_dir / "metrics.json",
+                    processed=root / "data" / "processed")
 
 
 def _fake_row(root: Path, row: str, images: np.ndarray, index: pd.DataFrame,
@@ -116,8 +117,7 @@ def report(tmp_path_factory) -> dict:
     images, index, masks = _fake_processed(root, rng)
     metrics = {v: _fake_row(root, v, images, index, masks, rng, sep)
                for v, sep in zip(ROWS, (1.0, 2.0, 8.0))}
-    figures = make_figures({v: _files(root, v) for v in ROWS}, root / "data" / "processed",
-                           root / "reports" / "figures")
+    figures = make_figures({v: _files(root, v) for v in ROWS}, root / "reports" / "figures")
     html_path = write_index(metrics, figures, root / "reports" / "index.html", PAPER_TABLE1,
                             provenance={"params hash": "abc123", "seed": 0,
                                         "git commit": "deadbeef"})
@@ -126,8 +126,8 @@ def report(tmp_path_factory) -> dict:
 
 def test_figures_drawn_in_parallel_processes_are_the_serial_ones(report, tmp_path):
     root = report["root"]
-    made = {w: make_figures({v: _files(root, v) for v in ROWS}, root / "data" / "processed",
-                            tmp_path / f"w{w}", workers=w) for w in (1, 2)}
+    made = {w: make_figures({v: _files(root, v) for v in ROWS}, tmp_path / f"w{w}",
+                            workers=w) for w in (1, 2)}
     assert [p.name for p in made[2]["sparse_gan"]] == ["scores.png", "losses.png", "gallery.png",
                                                        "gallery_errors.png"]
     for key, paths in made[1].items():

@@ -120,7 +120,10 @@ def test_each_train_stage_lists_exactly_the_params_its_model_reads():
     for model, st in trains.items():
         assert st["cmd"] == f"python stages/train.py {model} ${{item.seed}}"
         assert st["matrix"] == {"seed": "${seeds}"}
-        assert st["params"] == ["runtime", *TRAIN_READS[model]], model
+        assert st["params"] == ["runtime", f"preprocess.variant.{model}", *TRAIN_READS[model]]
+        # its own processed variant, not the other one: a change there cannot re-train it
+        assert st["deps"][-1] == f"data/processed/${{preprocess.variant.{model}}}"
+        assert not any(d.startswith("data/") for d in st["deps"][:-1])
         assert st["outs"] == [f"models/{model}/s${{item.seed}}"]
     # lambda_sp is read by sparse_gan's training alone, lambda_adv by the two adversarial ones
     readers = {m for m, st in trains.items() if "train.lambda_sp" in st["params"]}

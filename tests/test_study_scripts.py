@@ -4,8 +4,11 @@ multi-seed tables, the score comparison."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +170,8 @@ def _arm(name, epochs, val, flops=1e13, models=("autoencoder", "pix2pix", "spars
             "image_size": 64, "base_channels": 16, "epochs": epochs, "n_train": 10,
             "rows": rows, "models": models, "command": "dvc exp run ...", "commit": "abc",
             "wall_s": 600.0, "baselines": {"anogan_epochs": 30, "fanogan_epochs": 100,
-                                           "fill_corners": "fill_corners" in str(overrides)}}
+                                           "variant": {m: "filled" if "filled" in str(overrides)
+                                                       else "raw" for m in ("anogan", "fanogan")}}}
 
 
 def test_scale_study_pairs_rows_by_seed_and_draws_the_trend(tmp_path):
@@ -204,9 +208,11 @@ def test_baseline_arms_pair_against_corners_left_in_and_stay_out_of_the_trend(tm
             "pix2pix_latent": [0.76, 0.76], "sparse_gan": [0.7, 0.7]}
     (tmp_path / "arms" / "e60.json").write_text(json.dumps(_arm("e60", 60, scan)))
     for name, aucs, over in (("b_raw", [0.58, 0.60], {}),
-                             ("b_filled", [0.70, 0.66], {"preprocess.fill_corners": "true"})):
+                             ("b_filled", [0.70, 0.66], scale.BASELINES_FILLED)):
         rec = _arm(name, 30, {"anogan": aucs, "fanogan": [a + 0.01 for a in aucs]},
                    models=("anogan", "fanogan"), overrides=over)
+        if name == "b_raw":  # a record of the earlier layout: one switch for every model
+            rec["baselines"] = {"anogan_epochs": 30, "fanogan_epochs": 100, "fill_corners": False}
         (tmp_path / "arms" / f"{name}.json").write_text(json.dumps(rec))
     result = scale.collect(tmp_path)
     filled = result["arms"]["b_filled"]
@@ -215,7 +221,8 @@ def test_baseline_arms_pair_against_corners_left_in_and_stay_out_of_the_trend(tm
     assert d["per_seed"] == pytest.approx({"0": 0.12, "1": 0.06}) and d["wins"] == 2
     assert result["arms"]["b_raw"]["paired_val_auc"] == {}
     md = (tmp_path / "results.md").read_text()
-    assert "| b_filled | yes | 30 / 100 | 1.5 / 1.5 | 0.680 ± 0.028 | 0.690 ± 0.028 |" in md
+    assert "| b_filled | filled / filled | 30 / 100 | 1.5 / 1.5 | 0.680 ± 0.028 | 0.690 ± 0.028 |" in md
+    assert "| b_raw | raw | 30 / 100 |" in md
     assert "| b_raw | 30 |" not in md  # not a row of the scale table
     assert (tmp_path / "scale.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -235,5 +242,30 @@ def test_scale_arms_train_the_baselines_only_where_their_input_changes(tmp_path)
     assert "data.split.val_per_disease=all" in cmd and "data.split.val_normal=4" in cmd
     assert "calibrate@anogan" in arm_command("e60_s112", [0], tree, None)
     b = arm_command("b_filled", [0], tree, None)
-    assert "preprocess.fill_corners=true" in b and "calibrate@fanogan" in b
+    assert "preprocess.variant.anogan=filled" in b and "preprocess.variant.fanogan=filled" in b
+    assert "calibrate@fanogan" in b
     assert "calibrate@sparse_gan" not in b
+
+
+def test_the_real_data_recipe_is_checked_as_params_and_the_committed_one_parses(tmp_path):
+    from sparsegan.studies.real import RECIPE, recipe_overrides
+
+    committed = recipe_overrides(ROOT / RECIPE)
+    assert committed["preprocess.variant.fanogan"] == "filled"
+    assert committed["train.epochs"] == "240" and committed["srn.code_channels"] == "128"
+    good = tmp_path / "good.yaml"
+    good.write_text("train.epochs: 60\npreprocess.variant.anogan: filled\nseeds: [0, 1]\n")
+    assert recipe_overrides(good) == {"train.epochs": "60", "preprocess.variant.anogan": "filled",
+                                      "seeds": "[0, 1]"}
+    for text, message in (("train.epochz: 60\n", "unknown key train.epochz"),
+                          ("preprocess.variant.anogan: fill\n", "allowed values are raw, filled"),
+                          ("- train.epochs\n", "must be a mapping of params keys"),
+                          ("train: {epochs: [\n", "not valid YAML")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(SystemExit) as exc:
+            recipe_overrides(bad)
+        assert str(exc.value).startswith(f"error: {bad}: ") and message in str(exc.value)
+        assert "\n" not in str(exc.value)
+    with pytest.raises(SystemExit, match="not found"):
+        recipe_overrides(tmp_path / "none.yaml")

@@ -39,10 +39,18 @@ def to_float(x: np.ndarray | torch.Tensor, device: torch.device | str | None = N
     return t.float().div_(127.5).sub_(1.0)
 
 
+def require(path: Path) -> Path:
+    """``path`` if it exists, else FileNotFoundError in one line saying what makes it."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: not found; the preprocess stage writes it "
+                                f"(`dvc repro preprocess`)")
+    return Path(path)
+
+
 def load_split(processed_dir: Path, name: str) -> tuple[np.ndarray, pd.DataFrame, np.ndarray | None]:
     """``(images memmap [N,1,S,S] uint8, index frame (the rows of <name>.csv), masks or None)``."""
     processed_dir = Path(processed_dir)
-    images = np.load(processed_dir / f"{name}.npy", mmap_mode="r")
+    images = np.load(require(processed_dir / f"{name}.npy"), mmap_mode="r")
     index = pd.read_csv(processed_dir / f"{name}.csv", dtype={"patient": str, "mask": str},
                         keep_default_na=False)
     if len(index) != len(images):
@@ -195,8 +203,9 @@ class ArrayDataset(Dataset):
         processed_dir = Path(processed_dir)
         labels = None
         if with_labels:
-            labels = pd.read_csv(processed_dir / f"{name}.csv", usecols=["label"])["label"].to_numpy()
-        return cls(processed_dir / f"{name}.npy", labels)
+            labels = pd.read_csv(require(processed_dir / f"{name}.csv"),
+                                 usecols=["label"])["label"].to_numpy()
+        return cls(require(processed_dir / f"{name}.npy"), labels)
 
     @property
     def images(self) -> np.ndarray:

@@ -25,8 +25,10 @@ Image policy (:func:`load_gray`):
   difference in grain alone ranked 512x512 normals as anomalies. Asking for S + 1 makes the final
   antialiased resize reduce every image (at 224 nothing changes: 512 -> 256 -> 224).
 * White registration corners (the wedges of a rotated frame) are filled with the background of
-  their rows when ``corners`` is true (param ``preprocess.fill_corners``, default off; see
-  :func:`fill_corners`); ``summary.json`` counts the filled images per split. Masks are unchanged.
+  their rows when ``corners`` is true (:func:`fill_corners`); ``summary.json`` counts the filled
+  images per split. Masks are unchanged. The stage makes both variants
+  (:func:`preprocess_variants`: ``data/processed/raw`` and ``data/processed/filled``), and
+  each model reads the one its param ``preprocess.variant.<model>`` names.
 * Every image is resized to S x S with Pillow's antialiased BILINEAR filter (``reducing_gap=3``);
   **the aspect ratio is not preserved**: the paper resizes the B-scans (512x496, 768x496,
   1536x496, ...) to 224x224, and so do we. Masks are binarised (nonzero = lesion) and resized
@@ -521,3 +523,61 @@ def preprocess_all(splits_dir: Path, out_dir: Path, size: int, workers: int = 0,
         Path(timing_file).parent.mkdir(parents=True, exist_ok=True)
         Path(timing_file).write_text(json.dumps(timing, indent=2) + "\n")
     return summary
+
+
+def fill_variant(raw_dir: Path, out_dir: Path) -> dict:
+    """The ``filled`` variant of the arrays in ``raw_dir`` (made by :func:`preprocess_all` with
+    ``corners`` off), written to ``out_dir``: every image through :func:`fill_corners`, the
+    CSVs and masks copied. Byte-identical to decoding with ``corners`` on (the fill acts on the
+    resized uint8 image either way), without decoding twice. Returns its ``summary.json``."""
+    import shutil
+
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = json.loads((raw_dir / "summary.json").read_text())
+    summary["fill_corners"] = True
+    for name in _SPLITS:
+        src = np.load(raw_dir / f"{name}.npy", mmap_mode="r")
+        tmp = out_dir / f".{name}.npy.tmp"
+        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=src.shape)
+        n_filled = 0
+        for i in range(len(src)):
+            image = np.asarray(src[i, 0])
+            filled = fill_corners(image)
+            dst[i, 0] = filled
+            n_filled += filled is not image
+        dst.flush()
+        del dst, src
+        os.replace(tmp, out_dir / f"{name}.npy")
+        summary["splits"][name]["corners_filled"] = int(n_filled)
+        for extra in (f"{name}.csv", f"{name}_masks.npy"):
+            target = out_dir / extra
+            if (raw_dir / extra).exists():
+                shutil.copyfile(raw_dir / extra, target)
+            elif target.exists():
+                target.unlink()  # stale from an earlier run with masks
+    for extra in ("skipped.csv", "duplicates.csv"):
+        shutil.copyfile(raw_dir / extra, out_dir / extra)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def preprocess_variants(splits_dir: Path, out_dir: Path, size: int, workers: int = 0,
+                        timing_file: Path | None = None) -> dict[str, dict]:
+    """The preprocess stage: every variant of :data:`sparsegan.layout.VARIANTS` into
+    ``out_dir/<variant>`` (``raw`` decoded by :func:`preprocess_all`, ``filled`` derived from
+    it by :func:`fill_variant`), one DVC output each, so that each model reads the variant its
+    ``preprocess.variant.<model>`` names and a model of the other variant never re-runs for it.
+    Returns each variant's summary; the timings go to ``timing_file``."""
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    raw = preprocess_all(splits_dir, out_dir / "raw", size, workers, corners=False,
+                         timing_file=timing_file)
+    t1 = time.perf_counter()
+    filled = fill_variant(out_dir / "raw", out_dir / "filled")
+    if timing_file is not None:
+        timing = json.loads(Path(timing_file).read_text())
+        timing.update(fill_seconds=round(time.perf_counter() - t1, 3),
+                      total_seconds=round(time.perf_counter() - t0, 3))
+        Path(timing_file).write_text(json.dumps(timing, indent=2) + "\n")
+    return {"raw": raw, "filled": filled}

@@ -60,3 +60,42 @@ def real_overrides(folder: Path, patients: Path | None) -> dict[str, str]:
     if patients is not None:
         out["data.patients"] = str(Path(patients).resolve())
     return out
+
+
+# The real-data recipe: the best setting on real validation scans, applied by the study command
+# on a real tree (scripts/study.py run --folder; --recipe "" runs the params.yaml defaults).
+RECIPE = Path("studies/real/recipe.yaml")
+
+
+def recipe_overrides(path: Path) -> dict[str, str]:
+    """The ``-S`` overrides (dotted key -> value text) of a recipe file, a YAML mapping of dotted
+    params keys, each checked as params.yaml would be; SystemExit with one line naming the file
+    and the key when it is missing, not a mapping, or holds a bad param."""
+    import yaml
+
+    from ..params import ParamError, parse_params
+
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: --recipe {path}: not found (the committed one is {RECIPE})")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise SystemExit(f"error: {path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise SystemExit(f"error: {path}: must be a mapping of params keys, e.g. train.epochs: 240")
+    nested: dict = {}
+    for key, value in raw.items():
+        *parents, leaf = str(key).split(".")
+        node = nested
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"error: {path}: {key}: {p} is set twice")
+        node[leaf] = value
+    try:
+        parse_params(nested)
+    except ParamError as exc:
+        raise SystemExit(f"error: {path}: {str(exc).removeprefix('params.yaml: ')}") from None
+    return {str(k): yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("\n...")
+            for k, v in raw.items()}

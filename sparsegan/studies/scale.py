@@ -36,6 +36,9 @@ BASELINE_ROWS = ("anogan", "fanogan")
 # arm -> overrides (as `dvc exp run -S key=value`) and ``rows``, the rows it trains and calibrates
 # (default: the reconstruction rows; the baselines too where the arm changes their input).
 # Training length first, then size, then the SRN's knobs, then the baselines' own arms.
+# the baselines' corners filled (their own processed variant; the arms' records before commit
+# bc96318 spell it preprocess.fill_corners=true, the switch of every model then)
+BASELINES_FILLED = {f"preprocess.variant.{m}": "filled" for m in BASELINE_ROWS}
 ARMS: dict[str, dict] = {
     "e60": {"overrides": {"train.epochs": "60"}},
     "e120": {"overrides": {"train.epochs": "120"}},
@@ -55,8 +58,8 @@ ARMS: dict[str, dict] = {
     # AnoGAN and f-AnoGAN at their default lengths: registration corners left in (as the
     # reconstruction rows see them) or filled, then twice as long
     "b_raw": {"overrides": {}, "rows": BASELINE_ROWS},
-    "b_filled": {"overrides": {"preprocess.fill_corners": "true"}, "rows": BASELINE_ROWS},
-    "b_filled_x2": {"overrides": {"preprocess.fill_corners": "true", "anogan.epochs": "60",
+    "b_filled": {"overrides": {**BASELINES_FILLED}, "rows": BASELINE_ROWS},
+    "b_filled_x2": {"overrides": {**BASELINES_FILLED, "anogan.epochs": "60",
                                   "fanogan.epochs": "200"}, "rows": BASELINE_ROWS},
 }
 
@@ -158,7 +161,7 @@ def read_arm(root: Path, arm: str, seeds: list[int]) -> dict:
             "epochs": params.train.epochs, "n_train": n_train, "rows": rows, "models": models,
             "baselines": {"anogan_epochs": params.anogan.epochs,
                           "fanogan_epochs": params.fanogan.epochs,
-                          "fill_corners": params.preprocess.fill_corners}}
+                          "variant": {m: params.preprocess.variant_of(m) for m in BASELINE_ROWS}}}
 
 
 def run_arm(root: Path, arm: str, seeds: list[int], folder: Path, patients: Path | None,
@@ -316,14 +319,16 @@ def markdown(result: dict) -> str:
         lines += ["", f"The baselines' own arms (AnoGAN, f-AnoGAN): each against "
                   f"`{BASELINE_REFERENCE}` (registration corners left in, default lengths), "
                   "paired by seed.", "",
-                  "| arm | corners filled | AnoGAN / f-AnoGAN epochs | CPU min (AnoGAN / "
+                  "| arm | AnoGAN / f-AnoGAN data | AnoGAN / f-AnoGAN epochs | CPU min (AnoGAN / "
                   "f-AnoGAN) | AnoGAN val AUC | f-AnoGAN val AUC | paired differences |",
                   "|---|---|---|---|---|---|---|"]
         for a, s in baseline_arms.items():
             b, cpu, v = s["baselines"], s["train_cpu_minutes"], s["val_auc"]
             diffs = "; ".join(f"{name}: {d['mean']:+.3f} ± {d['sd']:.3f} {d['wins']}/{d['n']}"
                               for name, d in s["paired_val_auc"].items()) or "-"
-            lines.append(f"| {a} | {'yes' if b['fill_corners'] else 'no'} | "
+            data = (" / ".join(b["variant"][m] for m in BASELINE_ROWS) if "variant" in b
+                    else ("filled" if b["fill_corners"] else "raw"))  # records before bc96318
+            lines.append(f"| {a} | {data} | "
                          f"{b['anogan_epochs']} / {b['fanogan_epochs']} | "
                          + " / ".join(f"{cpu[m]['mean']:.1f}" for m in BASELINE_ROWS if m in cpu)
                          + " | " + " | ".join(f"{v[r]['mean']:.3f} ± {v[r]['sd']:.3f}"

@@ -2,13 +2,14 @@
 
     python scripts/study.py run --study synthetic --seeds 0 1 2        # make study
     python scripts/study.py groups --folder ../shared/oct_real        # studies/real/patients.csv
-    python scripts/study.py run --folder ../shared/oct_real --seeds 0 1 2 -S train.epochs=60
+    python scripts/study.py run --folder ../shared/oct_real --seeds 0 1 2   # + studies/real/recipe.yaml
     python scripts/study.py collect --study real                      # results.json / results.md
 
 ``run`` starts one ``dvc exp run --temp -S seeds=[...]`` (every model trained once per seed, every
 row scored, calibrated and evaluated per seed, the report's mean and spread over the seeds);
 with ``--folder``, on that real tree with the split rule of :mod:`sparsegan.studies.real`
-(``data.source=folder``; validation from the tree's ``train/``, test = its ``test/``). The split
+(``data.source=folder``; validation from the tree's ``train/``, test = its ``test/``) and the
+params of the real-data recipe (``studies/real/recipe.yaml``, chosen on validation). The split
 (``data.split.seed``) is the same for every seed, so the seeds differ by training only. The
 experiment is a normal DVC experiment (``dvc exp show``), logged to MLflow as one parent run
 with a child per (model, seed); its ``reports/metrics.json`` is read back from the experiment's
@@ -36,7 +37,7 @@ from ..data import IMAGE_EXTENSIONS
 from ..evaluate import PAPER_TABLE1
 from ..spec import DEFAULT_ROWS
 from ..stats import paired_over_seeds
-from .real import check_tree, real_overrides
+from .real import RECIPE, check_tree, real_overrides, recipe_overrides
 
 ROOT = Path.cwd()  # the repository: the scripts run from its root
 
@@ -78,14 +79,18 @@ def _exp_ref(name: str) -> str:
 
 
 def run_study(folder: Path | None, patients: Path | None, seeds: list[int], study: str,
-              extra: list[str]) -> None:
-    """One ``dvc exp run --temp`` named ``study`` over ``seeds``; its metrics.json to
-    ``studies/<study>/metrics.json`` with the command's overrides."""
-    out_dir = ROOT / "studies" / study
-    out_dir.mkdir(parents=True, exist_ok=True)
+              extra: list[str], recipe: Path | None = None) -> None:
+    """One ``dvc exp run --temp`` named ``study`` over ``seeds`` (on a real ``folder``, with
+    the split rule and the ``recipe``'s params; an ``extra`` ``key=value`` wins over the
+    recipe); its metrics.json to ``studies/<study>/metrics.json`` with the command's overrides."""
     overrides = {"seeds": "[" + ",".join(map(str, seeds)) + "]"}
     if folder is not None:
         overrides.update(real_overrides(folder, patients))
+        if recipe is not None:
+            mine = {e.partition("=")[0] for e in extra}
+            overrides.update({k: v for k, v in recipe_overrides(recipe).items() if k not in mine})
+    out_dir = ROOT / "studies" / study
+    out_dir.mkdir(parents=True, exist_ok=True)
     subprocess.run(["dvc", "exp", "remove", study], cwd=ROOT, capture_output=True)
     cmd = ["dvc", "exp", "run", "--temp", "-n", study]
     for k, v in overrides.items():
@@ -195,8 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--patients", type=Path, default=ROOT / "studies" / "real" / "patients.csv")
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--study", default="real")
+    r.add_argument("--recipe", default=str(RECIPE),
+                   help=f"with --folder: the params of the real-data recipe (default {RECIPE}, "
+                        f"chosen on real validation scans); \"\": the params.yaml defaults")
     r.add_argument("-S", dest="extra", action="append", default=[],
-                   help="another param override, as dvc exp run -S")
+                   help="another param override, as dvc exp run -S (wins over the recipe)")
     c = sub.add_parser("collect")
     c.add_argument("--study", default="real")
     a = ap.parse_args(argv)
@@ -210,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         if a.folder is not None and not a.patients.is_file():
             raise SystemExit(f"{a.patients}: not found; run `scripts/study.py groups` first")
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
-        run_study(a.folder, a.patients if a.folder else None, a.seeds, a.study, a.extra)
+        run_study(a.folder, a.patients if a.folder else None, a.seeds, a.study, a.extra,
+                  Path(a.recipe) if a.recipe else None)
         print(markdown(collect(a.study)))
     else:
         print(markdown(collect(a.study)))

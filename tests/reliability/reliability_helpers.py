@@ -46,9 +46,10 @@ def write_params(root: Path, over: dict | None = None, text: str | None = None) 
 
 def make_processed(root: Path, n_train: int = 48, n_val: int = 16, size: int = 32,
                    seed: int = 0) -> Path:
-    """``root/data/processed/{train,val}.{npy,csv}`` in the format of ``load_split``: smooth
-    random uint8 images (normal train; val half "diseased" with a bright blob)."""
-    out = root / "data" / "processed"
+    """``root/data/processed/raw/{train,val}.{npy,csv}`` (the variant every model reads by
+    default) in the format of ``load_split``: smooth random uint8 images (normal train; val half
+    "diseased" with a bright blob)."""
+    out = root / "data" / "processed" / "raw"
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size] / size

@@ -39,7 +39,7 @@ def test_nan_loss_stops_with_model_epoch_step_and_keeps_last_checkpoint(tmp_path
         return real_step(self, x, phase)
 
     monkeypatch.setattr(sg.ReconstructionDetector, "train_step", poisoned)
-    args = ("sparse_gan", 0, params, repo / "data/processed", repo / "models/sparse_gan",
+    args = ("sparse_gan", 0, params, repo / "data/processed/raw", repo / "models/sparse_gan",
             repo / "checkpoints/sparse_gan")
     threads = torch.get_num_threads()
     try:
@@ -82,7 +82,7 @@ def test_inf_loss_is_caught_too(tmp_path, guard, ledger, monkeypatch):
     try:
         with pytest.raises(FloatingPointError, match=r"autoencoder s3\] .*the generator step's "
                                                      r"loss is inf at epoch 1, step 1"):
-            train_model("autoencoder", 3, params, repo / "data/processed",
+            train_model("autoencoder", 3, params, repo / "data/processed/raw",
                         repo / "models/autoencoder", repo / "checkpoints/autoencoder",
                         log_mlflow=False)
     finally:

@@ -22,7 +22,7 @@ from reliability_helpers import error_line, make_processed, run_stage, write_par
 from sparsegan.data.download import (ChecksumError, DownloadError, UnsafeArchiveError, download,
                                      safe_extract)
 from sparsegan.params import load_params
-from sparsegan.checkpoint import CheckpointError, load_trained
+from sparsegan.checkpoint import MODEL_FORMAT, CheckpointError, load_trained
 from sparsegan.train import train_model
 
 
@@ -71,7 +71,7 @@ def test_pickle_payload_in_model_and_checkpoint_never_runs(tmp_path, guard, ledg
     threads = torch.get_num_threads()
     try:
         with pytest.raises(CheckpointError, match="refused to load this training checkpoint"):
-            train_model("sparse_gan", 0, params, repo / "data/processed", repo / "models/x",
+            train_model("sparse_gan", 0, params, repo / "data/processed/raw", repo / "models/x",
                         checkpoint.parent, log_mlflow=False)
     finally:
         torch.set_num_threads(threads)
@@ -102,8 +102,8 @@ def test_corrupt_or_foreign_model_files_give_a_clear_error(tmp_path, ledger, con
     elif content == "v2":  # one file per variant, with its params
         torch.save({"format": 2, "variant": "autoencoder", "image_size": 32, "params": {},
                     "model": {}}, model)
-    elif content in ("other_model", "bad_weights"):  # format 4, of another model / no weights
-        torch.save({"format": 4, "name": "pix2pix" if content == "other_model" else "autoencoder",
+    elif content in ("other_model", "bad_weights"):  # this format, of another model / no weights
+        torch.save({"format": MODEL_FORMAT, "name": "pix2pix" if content == "other_model" else "autoencoder",
                     "seed": 0, "image_size": 32, "config": "x", "params": {}, "data": {},
                     "model": {}}, model)
     else:

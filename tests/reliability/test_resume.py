@@ -71,7 +71,7 @@ def _reference(tmp_path: Path, model: str, params_file: Path) -> Path:
     shutil.copytree(params_file.parent / "data", ref / "data")
     threads = torch.get_num_threads()
     try:
-        train_model(model, 0, load_params(params_file), ref / "data/processed",
+        train_model(model, 0, load_params(params_file), ref / "data/processed/raw",
                     ref / "models" / model / "s0", ref / "checkpoints" / model / "s0",
                     log_mlflow=False)
     finally:
@@ -129,7 +129,7 @@ def test_sigkill_mid_epoch_then_rerun_equals_uninterrupted_run(tmp_path, guard, 
     assert not differ, f"resumed weights differ from the uninterrupted run's: {differ[:5]}"
     if model == "fanogan":
         assert int(ours["critic_steps"]) == 3 * 6
-    processed = repo / "data/processed"
+    processed = repo / "data/processed/raw"
     assert torch.equal(_scores(model, params_file, model_dir, processed),
                        _scores(model, params_file, ref_dir, processed))
 
@@ -180,7 +180,7 @@ def test_kill_between_checkpoint_and_mlflow_log_is_caught_up(tmp_path, guard, le
         return real_log(metrics, step=step, **kw)
 
     monkeypatch.setattr(mlflow, "log_metrics", die_at_epoch_2)
-    args = ("autoencoder", 0, params, repo / "data/processed", repo / "models/autoencoder",
+    args = ("autoencoder", 0, params, repo / "data/processed/raw", repo / "models/autoencoder",
             repo / "checkpoints/autoencoder", True, repo / "run.json")
     threads = torch.get_num_threads()
     try:
@@ -205,7 +205,7 @@ def test_checkpoint_of_other_params_or_data_is_set_aside_not_resumed_nor_deleted
     make_processed(repo, n_train=16)
     old = load_params(write_params(repo, {"train": {"epochs": 3}}))
     ckpt_dir = repo / "checkpoints/autoencoder"
-    args = (repo / "data/processed", repo / "models/autoencoder", ckpt_dir)
+    args = (repo / "data/processed/raw", repo / "models/autoencoder", ckpt_dir)
     threads = torch.get_num_threads()
     try:
         import sparsegan.models.sparse_gan as sg
