@@ -1,7 +1,7 @@
 """Rank agreement of Table 1's rows between data sets, and the design-check records
 (sparsegan/studies/agreement.py). Validation AUCs only.
 
-    python scripts/real_checks.py --agreement real2:study:synthetic study:real:study:synthetic
+    python scripts/real_checks.py --agreement real2:study:synthetic study:real_e60:study:synthetic
     python scripts/real_checks.py --summary          # studies/real/checks.md from checks.jsonl
 
 The design checks that wrote ``studies/real/checks.jsonl`` trained through a path of their own,
