@@ -148,6 +148,28 @@ def test_pix2pix_1_and_2_are_scored_from_one_trained_model(pipeline: Path):
     assert sorted(p.name for p in (pipeline / "models/pix2pix").iterdir()) == ["s0", "s1"]
 
 
+
+def test_a_scale_arm_is_read_from_the_workspace_of_its_experiment(pipeline: Path):
+    """What `scripts/scale.py run` records of an arm, read from a workspace of this layout."""
+    from sparsegan.studies import scale
+
+    rec = scale.read_arm(pipeline, "e60", SEEDS)
+    assert rec["n_train"] == 48 - 8 and rec["image_size"] == 32 and rec["base_channels"] == 4
+    assert rec["baselines"]["variant"] == {"anogan": "raw", "fanogan": "raw"}
+    for row in scale.RECONSTRUCTION_ROWS:
+        for seed in SEEDS:
+            cal = json.loads((pipeline / f"reports/rows/{row}/calibration/s{seed}.json")
+                             .read_text())
+            assert rec["rows"][row]["val_auc"][str(seed)] == cal["validation"]["auc"]
+            by_class = rec["rows"][row]["val_auc_by_class"][str(seed)]
+            assert sorted(by_class) == ["CNV", "DME", "DRUSEN"]
+            assert all(c["n"] == 4 and c["low"] <= c["auc"] <= c["high"] for c in by_class.values())
+    for model in ("autoencoder", "pix2pix", "sparse_gan"):
+        run = json.loads((pipeline / f"reports/runs/train/{model}-s0.json").read_text())
+        assert rec["models"][model]["train_s"]["0"] == pytest.approx(
+            sum(e["seconds"] for e in run["epochs"]))
+        assert rec["models"][model]["train_flops"] > 0
+
 def test_mlflow_runs_parent_children_and_numbers(pipeline: Path):
     import mlflow
 

@@ -116,15 +116,9 @@ def _by_class(val, phi: float) -> dict[str, dict]:
 
 
 def _training_seconds(root: Path, model: str, seed: int) -> float:
-    """Seconds of one training: its run record (``reports/runs/train``), or, for trainings of
-    the layout before run records, the timings its ``history.json`` carried."""
+    """Seconds of one training, from its run record (``reports/runs/train``)."""
     record = layout.run_file("train", model, seed, root / layout.RUNS)
-    if record.is_file():
-        return float(sum(e["seconds"] for e in json.loads(record.read_text())["epochs"]))
-    history = json.loads((layout.model_dir(model, seed, root / layout.MODELS)
-                          / "history.json").read_text())
-    n = int(np.load(root / layout.PROCESSED / "train.npy", mmap_mode="r").shape[0])
-    return float(sum(n / h["images_per_s"] for h in history))
+    return float(sum(e["seconds"] for e in json.loads(record.read_text())["epochs"]))
 
 
 def read_arm(root: Path, arm: str, seeds: list[int]) -> dict:
@@ -147,7 +141,9 @@ def read_arm(root: Path, arm: str, seeds: list[int]) -> dict:
                               dtype={"patient": str}, keep_default_na=False)
             entry["val_auc_by_class"][str(s)] = _by_class(val, cal["phi"])
         rows[row] = entry
-    n_train = int(np.load(root / layout.PROCESSED / "train.npy", mmap_mode="r").shape[0])
+    # every variant holds the same training scans (filled derives from raw)
+    n_train = int(np.load(layout.processed_dir("raw", root / layout.PROCESSED) / "train.npy",
+                          mmap_mode="r").shape[0])
     models = {}
     for model in dict.fromkeys(DEFAULT_ROWS[r][0] for r in rows):
         seconds = {}
