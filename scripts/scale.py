@@ -5,8 +5,10 @@
 
 ``run`` runs each arm as one ``dvc exp run -n scale-<arm>`` in this repository's workspace
 (committed tree only), one after another, and writes ``studies/scale/arms/<arm>.json`` after
-each. ``--until HH:MM`` (local time) skips an arm whose estimated duration (the previous arm's
-wall time scaled by the training compute) would end after it.
+each; ``--seeds 0`` runs some seeds of an arm (experiment ``scale-<arm>-s0``), merged into the
+record of its other seeds, so a long arm can run a seed at a time, each committed. ``--until
+HH:MM`` (local time) skips an arm whose estimated duration (the previous arm's wall time per
+seed, scaled by the training compute) would end after it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--out", type=Path, default=ROOT / "studies" / "scale")
     r.add_argument("--until", default=None, help="HH:MM: start no arm that would end after it")
     r.add_argument("--estimate-min-per-unit", type=float, default=None,
-                   help="minutes per cost unit of the first arm (default: unknown, run it)")
+                   help="minutes per cost unit and seed of the first arm (default: unknown, run it)")
     c = sub.add_parser("collect")
     c.add_argument("--out", type=Path, default=ROOT / "studies" / "scale")
     a = ap.parse_args(argv)
@@ -55,13 +57,13 @@ def main(argv: list[str] | None = None) -> None:
     per_unit = a.estimate_min_per_unit
     for arm in a.arms:
         if until is not None and per_unit is not None:
-            end = dt.datetime.now() + dt.timedelta(minutes=per_unit * _cost(arm))
+            end = dt.datetime.now() + dt.timedelta(minutes=per_unit * _cost(arm) * len(a.seeds))
             if end > until:
                 print(f"skip {arm}: estimated end {end:%H:%M} is after {a.until}", flush=True)
                 continue
         record = run_arm(ROOT, arm, a.seeds, a.folder, a.patients if a.patients.is_file()
                          else None, a.out)
-        per_unit = record["wall_s"] / 60 / _cost(arm)
+        per_unit = record["wall_s"] / 60 / (_cost(arm) * len(a.seeds))
         print(f"done {arm}: {record['wall_s'] / 60:.1f} min", flush=True)
 
 

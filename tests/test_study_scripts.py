@@ -247,6 +247,39 @@ def test_scale_arms_train_the_baselines_only_where_their_input_changes(tmp_path)
     assert "calibrate@sparse_gan" not in b
 
 
+def test_an_arm_run_a_seed_at_a_time_is_one_record_paired_by_seed(tmp_path):
+    from sparsegan.studies import scale
+
+    val = {"pix2pix_latent": [0.76, 0.75, 0.74], "sparse_gan": [0.70, 0.73, 0.77]}
+
+    def part(seeds, commit, wall):
+        rec = _arm("e60_w32", 60, {r: [a[s] for s in seeds] for r, a in val.items()},
+                   overrides={"train.epochs": "60", "model.base_channels": "32"})
+        for e in rec["rows"].values():  # _arm numbers seeds 0..n-1: give them their own
+            for k in ("val_auc", "val_auc_by_class"):
+                e[k] = {str(s): v for s, v in zip(seeds, e[k].values())}
+        for m in rec["models"].values():
+            m["train_s"] = {str(s): 60.0 * (s + 1) for s in seeds}
+        return rec | {"seeds": seeds, "commit": commit, "wall_s": wall, "command": f"run {seeds}"}
+
+    merged = scale.merge_arm(part([0], "c1", 100.0), part([1, 2], "c2", 200.0))
+    assert merged["seeds"] == [0, 1, 2] and merged["commit"] == "c1, c2"
+    assert merged["wall_s"] == 300.0 and [r["seeds"] for r in merged["runs"]] == [[0], [1, 2]]
+    assert merged["rows"]["sparse_gan"]["val_auc"] == {"0": 0.70, "1": 0.73, "2": 0.77}
+    assert merged["models"]["sparse_gan"]["train_s"] == {"0": 60.0, "1": 120.0, "2": 180.0}
+    d = scale.summarise_arm(merged)["paired_val_auc"]["Sparse-GAN - pix2pix #2 (latent)"]
+    assert d["n"] == 3 and d["wins"] == 1 and d["mean"] == pytest.approx((-0.06 - 0.02 + 0.03) / 3)
+    # a seed run again replaces its values and its run; other settings are refused
+    again = scale.merge_arm(merged, part([1], "c3", 50.0) | {
+        "rows": {"sparse_gan": {"val_auc": {"1": 0.80}, "val_patient_auc": {},
+                                "val_auc_by_class": {}}}})
+    assert again["rows"]["sparse_gan"]["val_auc"] == {"0": 0.70, "1": 0.80, "2": 0.77}
+    assert [r["seeds"] for r in again["runs"]] == [[0], [1, 2], [1]]
+    other = part([2], "c4", 10.0) | {"epochs": 120}
+    with pytest.raises(SystemExit, match="another epochs"):
+        scale.merge_arm(merged, other)
+
+
 def test_the_real_data_recipe_is_checked_as_params_and_the_committed_one_parses(tmp_path):
     from sparsegan.studies.real import RECIPE, recipe_overrides
 

@@ -85,7 +85,8 @@ def arm_command(arm: str, seeds: list[int], folder: Path, patients: Path | None)
         raise SystemExit(f"arm {arm!r}: unknown; known arms: {', '.join(ARMS)}")
     overrides = {"seeds": "[" + ",".join(map(str, seeds)) + "]",
                  **real_overrides(folder, patients), **ARMS[arm]["overrides"]}
-    cmd = ["dvc", "exp", "run", "-n", f"scale-{arm}"]
+    name = f"scale-{arm}" if seeds == [0, 1, 2] else f"scale-{arm}-s{'-'.join(map(str, seeds))}"
+    cmd = ["dvc", "exp", "run", "-n", name]
     for k, v in overrides.items():
         cmd += ["-S", f"{k}={v}"]
     return cmd + [f"calibrate@{row}" for row in arm_rows(arm)]
@@ -160,16 +161,53 @@ def read_arm(root: Path, arm: str, seeds: list[int]) -> dict:
                           "variant": {m: params.preprocess.variant_of(m) for m in BASELINE_ROWS}}}
 
 
+SETTINGS = ("overrides", "image_size", "base_channels", "epochs", "n_train", "baselines")
+
+
+def merge_arm(old: dict, new: dict) -> dict:
+    """``new`` (a run of some seeds of an arm) added to the record ``old`` of other seeds of the
+    same arm, so that an arm can be run a few seeds at a time and every finished seed committed;
+    a seed in both is ``new``'s. SystemExit when the two runs differ in a setting."""
+    for key in SETTINGS:
+        if old.get(key) != new.get(key):
+            raise SystemExit(f"arm {new['arm']}: its record of seeds {old['seeds']} has another "
+                             f"{key} ({old.get(key)} vs {new.get(key)}); move that record away "
+                             "to run the arm anew")
+    merged = {**new, "rows": {}, "models": {}}
+    for part in ("rows", "models"):
+        for name in old[part].keys() | new[part].keys():
+            a, b = old[part].get(name, {}), new[part].get(name, {})
+            merged[part][name] = {k: ({**a.get(k, {}), **b[k]} if isinstance(b.get(k), dict)
+                                      else b.get(k, a.get(k)))
+                                  for k in a.keys() | b.keys()}
+    runs = [r for r in old.get("runs", [_run_of(old)]) if not set(r["seeds"]) <= set(new["seeds"])]
+    merged["runs"] = runs + [_run_of(new)]
+    merged["seeds"] = sorted(set(old["seeds"]) | set(new["seeds"]))
+    merged["commit"] = ", ".join(dict.fromkeys(r["commit"] for r in merged["runs"]))
+    merged["wall_s"] = round(sum(r["wall_s"] for r in merged["runs"]), 1)
+    return merged
+
+
+def _run_of(record: dict) -> dict:
+    return {k: record[k] for k in ("seeds", "command", "commit", "wall_s")}
+
+
 def run_arm(root: Path, arm: str, seeds: list[int], folder: Path, patients: Path | None,
             out_dir: Path) -> dict:
-    """Run one arm in the workspace ``root``, record it in ``out_dir/arms/<arm>.json``, and put
-    the workspace's params and tracked reports back as committed (the next arm starts from the
-    defaults; its outputs stay in the DVC cache and run-cache)."""
+    """Run one arm in the workspace ``root`` and record it in ``out_dir/arms/<arm>.json`` (merged
+    with a record of the arm's other seeds, :func:`merge_arm`); put the workspace's params and
+    tracked reports back as committed (the next arm starts from the defaults; its outputs stay
+    in the DVC cache and run-cache). Returns this run's record."""
     cmd = arm_command(arm, seeds, folder, patients)
     commit = _git(root, "rev-parse", "HEAD")
     if _git(root, "status", "--porcelain", "--untracked-files=no"):
         raise SystemExit(f"{root}: uncommitted changes; an arm runs on a committed tree "
                          "(its record names the commit)")
+    path = out_dir / "arms" / f"{arm}.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else None
+    if earlier is not None and earlier["overrides"] != ARMS[arm]["overrides"]:
+        raise SystemExit(f"{path}: seeds {earlier['seeds']} of other overrides "
+                         f"({earlier['overrides']}); move it away to run the arm anew")
     print("+", " ".join(cmd), flush=True)
     tic = time.time()
     subprocess.run(cmd, cwd=root, check=True)  # a failure leaves the workspace as it is
@@ -178,8 +216,14 @@ def run_arm(root: Path, arm: str, seeds: list[int], folder: Path, patients: Path
                    check=True)
     record.update({"command": " ".join(cmd), "commit": commit,
                    "wall_s": round(time.time() - tic, 1)})
-    (out_dir / "arms").mkdir(parents=True, exist_ok=True)
-    (out_dir / "arms" / f"{arm}.json").write_text(json.dumps(record, indent=1) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        merged = record if earlier is None else merge_arm(earlier, record)
+    except SystemExit as exc:  # keep what was measured beside the record it cannot join
+        path = path.with_name(f"{path.name}.unmerged")
+        print(f"{exc}; this run is kept in {path}", flush=True)
+        merged = record
+    path.write_text(json.dumps(merged, indent=1) + "\n")
     return record
 
 
