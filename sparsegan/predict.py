@@ -290,7 +290,7 @@ def load_config(row: str, seed: int | None, calibration_dir: Path, scores_root: 
     """The screening config (:func:`sparsegan.screening.screening_config`) of one seed's
     calibration of ``row`` with the score stage's settings of its trained model, and the
     calibration file."""
-    from .screening import ScreeningError, read_config
+    from .screening import ScreeningError, screening_config
 
     path = find_calibration(row, seed, calibration_dir)
     try:
@@ -304,9 +304,14 @@ def load_config(row: str, seed: int | None, calibration_dir: Path, scores_root: 
         raise UsageError(f"{settings}: no score settings of {calibration['model']} s"
                          f"{calibration['seed']}; run `dvc repro score` (or pass --scores)")
     try:
-        return read_config(path, settings), path
+        score_settings = json.loads(settings.read_text())
+    except (OSError, ValueError):
+        raise UsageError(f"{settings}: not readable JSON; re-run `dvc repro score`") from None
+    try:
+        return screening_config(calibration, score_settings), path
     except ScreeningError as exc:
-        raise UsageError(f"{exc}; re-run `dvc repro calibrate@{row}`") from None
+        raise UsageError(f"{path} with {settings}: {exc}; re-run `dvc repro calibrate@{row}`"
+                         ) from None
 
 
 def write_patients(path: Path, patients: list[tuple[str, int, float, str]],
