@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--out", type=Path, default=ROOT / "studies" / "scale")
     r.add_argument("--until", default=None, help="HH:MM: start no arm that would end after it")
     r.add_argument("--estimate-min-per-unit", type=float, default=None,
-                   help="minutes per cost unit and seed of the first arm (default: unknown, run it)")
+                   help="minutes per cost unit and seed of the first arm (default: unknown, "
+                        "run it)")
     c = sub.add_parser("collect")
     c.add_argument("--out", type=Path, default=ROOT / "studies" / "scale")
     a = ap.parse_args(argv)
