@@ -313,6 +313,11 @@ def collect(out_dir: Path) -> dict:
     return result
 
 
+def _pm(mean: float, sd: float, fmt: str = ".3f") -> str:
+    """``mean ± sd``; an arm with one seed so far has no sd."""
+    return f"{mean:{fmt}} (1 seed)" if np.isnan(sd) else f"{mean:{fmt}} ± {sd:.3f}"
+
+
 def markdown(result: dict) -> str:
     arms = result["arms"]
     lines = ["# Scale study (real validation split, paired by training seed)", "",
@@ -321,7 +326,7 @@ def markdown(result: dict) -> str:
              "over seeds [min, max], wins = seeds where A > B. TFLOPs: one Sparse-GAN training, "
              "counted; one epoch at the paper's setting (224x224, width 64, 50,140 scans) is "
              f"{result['paper_epoch_tflops']:.0f} TFLOPs. CPU min: training minutes per model "
-             "and seed (from the trainings' histories; a machine shared with other jobs "
+             "and seed (from the trainings' run records; a machine shared with other jobs "
              "inflates them).", "",
              "| arm | epochs | size | width | Sparse-GAN TFLOPs | CPU min (SG / p2p / AE) | "
              + " | ".join(name for name, _, _ in PAIRS) + " |",
@@ -332,7 +337,7 @@ def markdown(result: dict) -> str:
         cells = []
         for name, _, _ in PAIRS:
             d = s["paired_val_auc"].get(name)
-            cells.append("-" if d is None else f"{d['mean']:+.3f} ± {d['sd']:.3f} "
+            cells.append("-" if d is None else f"{_pm(d['mean'], d['sd'], '+.3f')} "
                          f"[{d['min']:+.3f}, {d['max']:+.3f}] {d['wins']}/{d['n']}")
         lines.append(f"| {a} | {s['epochs']} | {s['image_size']} | {s['base_channels']} | "
                      f"{s['sparse_gan_train_tflops']:.1f} | "
@@ -344,7 +349,7 @@ def markdown(result: dict) -> str:
               "| arm | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
     for a, s in arms.items():
         lines.append(f"| {a} | " + " | ".join(
-            f"{s['val_auc'][r]['mean']:.3f} ± {s['val_auc'][r]['sd']:.3f}" if r in s["val_auc"]
+            _pm(s['val_auc'][r]['mean'], s['val_auc'][r]['sd']) if r in s["val_auc"]
             else "-" for r in rows) + " |")
     lines += ["", "Per-class validation AUC, NORMAL against one disease (seed means of the AUC "
               "and of its 95% patient-bootstrap interval; n = diseased validation scans).", "",
@@ -364,14 +369,14 @@ def markdown(result: dict) -> str:
                   "|---|---|---|---|---|---|---|"]
         for a, s in baseline_arms.items():
             b, cpu, v = s["baselines"], s["train_cpu_minutes"], s["val_auc"]
-            diffs = "; ".join(f"{name}: {d['mean']:+.3f} ± {d['sd']:.3f} {d['wins']}/{d['n']}"
+            diffs = "; ".join(f"{name}: {_pm(d['mean'], d['sd'], '+.3f')} {d['wins']}/{d['n']}"
                               for name, d in s["paired_val_auc"].items()) or "-"
             data = (" / ".join(b["variant"][m] for m in BASELINE_ROWS) if "variant" in b
                     else ("filled" if b["fill_corners"] else "raw"))  # records before bc96318
             lines.append(f"| {a} | {data} | "
                          f"{b['anogan_epochs']} / {b['fanogan_epochs']} | "
                          + " / ".join(f"{cpu[m]['mean']:.1f}" for m in BASELINE_ROWS if m in cpu)
-                         + " | " + " | ".join(f"{v[r]['mean']:.3f} ± {v[r]['sd']:.3f}"
+                         + " | " + " | ".join(_pm(v[r]['mean'], v[r]['sd'])
                                               if r in v else "-" for r in BASELINE_ROWS)
                          + f" | {diffs} |")
     return "\n".join(lines) + "\n"
