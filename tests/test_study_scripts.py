@@ -266,6 +266,7 @@ def test_an_arm_run_a_seed_at_a_time_is_one_record_paired_by_seed(tmp_path):
     assert merged["seeds"] == [0, 1, 2] and merged["commit"] == "c1, c2"
     assert merged["wall_s"] == 300.0 and [r["seeds"] for r in merged["runs"]] == [[0], [1, 2]]
     assert merged["rows"]["sparse_gan"]["val_auc"] == {"0": 0.70, "1": 0.73, "2": 0.77}
+    assert list(merged["rows"]) == list(val)  # the rows keep their order (results.md's)
     assert merged["models"]["sparse_gan"]["train_s"] == {"0": 60.0, "1": 120.0, "2": 180.0}
     d = scale.summarise_arm(merged)["paired_val_auc"]["Sparse-GAN - pix2pix #2 (latent)"]
     assert d["n"] == 3 and d["wins"] == 1 and d["mean"] == pytest.approx((-0.06 - 0.02 + 0.03) / 3)

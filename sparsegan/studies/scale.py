@@ -175,11 +175,11 @@ def merge_arm(old: dict, new: dict) -> dict:
                              "to run the arm anew")
     merged = {**new, "rows": {}, "models": {}}
     for part in ("rows", "models"):
-        for name in old[part].keys() | new[part].keys():
+        for name in dict.fromkeys([*old[part], *new[part]]):  # in the records' order
             a, b = old[part].get(name, {}), new[part].get(name, {})
             merged[part][name] = {k: ({**a.get(k, {}), **b[k]} if isinstance(b.get(k), dict)
                                       else b.get(k, a.get(k)))
-                                  for k in a.keys() | b.keys()}
+                                  for k in dict.fromkeys([*a, *b])}
     runs = [r for r in old.get("runs", [_run_of(old)]) if not set(r["seeds"]) <= set(new["seeds"])]
     merged["runs"] = runs + [_run_of(new)]
     merged["seeds"] = sorted(set(old["seeds"]) | set(new["seeds"]))
